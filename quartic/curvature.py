@@ -1,0 +1,353 @@
+"""Exact and iterative curvature: HVPs, dense matrices, Lanczos, Hutchinson, SLQ, Fisher matrices.
+
+Conventions: a *matvec* is a function ``v[n] -> A v [n]`` of a symmetric operator on flat vectors.
+Every approximate routine here (Lanczos, Hutchinson, SLQ, sampled Fishers) is tested against a dense
+float64 oracle built by :func:`dense_matrix` on small models.
+
+One HVP: :func:`hvp` (forward-over-reverse, ``jvp`` of ``grad``) is the only Hessian product;
+``jax.hessian`` is used only by the tests, to check it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from quartic.errors import QuarticError
+
+Matvec = Callable[[jax.Array], jax.Array]
+
+
+# ----------------------------------------------------------------------------------------------
+# Hessian-vector products
+
+
+def hvp(loss_fn: Callable[..., jax.Array], params: Any, v: Any, *args: Any) -> Any:
+    """Hessian-vector product ``∇²L(params) v`` on pytrees, forward-over-reverse.
+
+    Costs about one gradient plus one forward pass (measured in ``benchmarks/``).
+    """
+    return jax.jvp(lambda p: jax.grad(loss_fn)(p, *args), (params,), (v,))[1]
+
+
+def hvp_fn(loss_fn: Callable[[jax.Array], jax.Array], theta: jax.Array) -> Matvec:
+    """The Hessian of a flat ``loss_fn`` at ``theta`` as a matvec ``v[n] -> H v``.
+
+    The gradient is linearised once, so repeated products reuse the forward pass.
+    """
+    _, lin = jax.linearize(jax.grad(loss_fn), theta)
+    return lin
+
+
+def dense_matrix(matvec: Matvec, n: int, dtype=None, chunk_size: int | None = 256) -> jax.Array:
+    """The ``[n, n]`` matrix of a linear operator from batched matvecs on the unit vectors.
+
+    Columns are computed ``chunk_size`` at a time with ``vmap`` inside a ``lax.map``, so memory is
+    bounded by ``chunk_size`` products in flight (``None``: all ``n`` at once).
+    """
+    dtype = dtype or jnp.result_type(float)
+    eye = jnp.eye(n, dtype=dtype)
+    cols = lax.map(matvec, eye, batch_size=chunk_size or n)
+    return cols.T
+
+
+def dense_hessian(
+    loss_fn: Callable[[jax.Array], jax.Array], theta: jax.Array, chunk_size: int | None = 256
+) -> jax.Array:
+    """Exact Hessian ``[n, n]`` of a flat ``loss_fn`` at ``theta`` from batched HVPs."""
+    return dense_matrix(hvp_fn(loss_fn, theta), theta.shape[0], theta.dtype, chunk_size)
+
+
+def symmetrize(a: jax.Array) -> jax.Array:
+    return 0.5 * (a + a.T)
+
+
+# ----------------------------------------------------------------------------------------------
+# Lanczos with full reorthogonalisation
+
+
+class Tridiagonal(NamedTuple):
+    """Output of :func:`lanczos_tridiag`: ``A V ≈ V T`` with ``T = tridiag(beta, alpha, beta)``."""
+
+    basis: jax.Array  # [m, n] orthonormal Lanczos vectors (rows)
+    alpha: jax.Array  # [m] diagonal
+    beta: jax.Array  # [m - 1] off-diagonal
+
+
+def lanczos_tridiag(matvec: Matvec, v0: jax.Array, num_iters: int) -> Tridiagonal:
+    """``num_iters`` Lanczos steps from ``v0`` with full (twice-applied) Gram–Schmidt.
+
+    Breakdown (an invariant subspace found early) is handled by continuing with a fresh random
+    direction orthogonal to the basis, with ``beta = 0`` there, so ``T`` stays exact.
+    """
+    n = v0.shape[0]
+    if not 1 <= num_iters <= n:
+        raise QuarticError(f"num_iters must be in [1, n={n}], got {num_iters}")
+    dtype = v0.dtype
+    q0 = v0 / jnp.linalg.norm(v0)
+    basis = jnp.zeros((num_iters, n), dtype).at[0].set(q0)
+    key = jax.random.PRNGKey(17)
+
+    def orthogonalize(w, basis):
+        for _ in range(2):
+            w = w - basis.T @ (basis @ w)
+        return w
+
+    def step(i, carry):
+        basis, alpha, beta = carry
+        q = basis[i]
+        w = matvec(q)
+        a = jnp.vdot(q, w)
+        w = orthogonalize(w, basis)
+        b = jnp.linalg.norm(w)
+        fresh = orthogonalize(jax.random.normal(jax.random.fold_in(key, i), (n,), dtype), basis)
+        tiny = b <= 1e3 * jnp.finfo(dtype).eps * (jnp.abs(a) + jnp.linalg.norm(q))
+        nxt = jnp.where(tiny, fresh / jnp.linalg.norm(fresh), w / jnp.where(tiny, 1.0, b))
+        b = jnp.where(tiny, jnp.zeros_like(b), b)
+        basis = lax.cond(i + 1 < num_iters, lambda B: B.at[i + 1].set(nxt), lambda B: B, basis)
+        return basis, alpha.at[i].set(a), beta.at[i].set(b)
+
+    alpha = jnp.zeros(num_iters, dtype)
+    beta = jnp.zeros(num_iters, dtype)
+    basis, alpha, beta = lax.fori_loop(0, num_iters, step, (basis, alpha, beta))
+    return Tridiagonal(basis, alpha, beta[:-1])
+
+
+def _tridiag_eigh(alpha: jax.Array, beta: jax.Array) -> tuple[jax.Array, jax.Array]:
+    t = jnp.diag(alpha) + jnp.diag(beta, 1) + jnp.diag(beta, -1)
+    return jnp.linalg.eigh(t)
+
+
+class Eigenpairs(NamedTuple):
+    """Eigenpairs of a symmetric operator with their residual norms ``‖A v − λ v‖``."""
+
+    values: jax.Array  # [k]
+    vectors: jax.Array  # [n, k], orthonormal columns
+    residuals: jax.Array  # [k]
+
+
+class LanczosResult(NamedTuple):
+    top: Eigenpairs  # largest (algebraic) eigenvalues, descending
+    bottom: Eigenpairs  # smallest (algebraic) eigenvalues, ascending
+    num_matvecs: int  # Lanczos products plus the products used for the exact residuals
+
+
+def lanczos_eigh(
+    matvec: Matvec,
+    n: int,
+    k_top: int = 5,
+    k_bottom: int = 0,
+    num_iters: int | None = None,
+    key: jax.Array | None = None,
+    dtype=None,
+    v0: jax.Array | None = None,
+) -> LanczosResult:
+    """Extreme eigenpairs of a symmetric (possibly indefinite) operator by Lanczos.
+
+    The largest ``k_top`` and smallest ``k_bottom`` *algebraic* eigenvalues (not largest magnitude:
+    a negative eigenvalue is never mistaken for a top one). Residuals ``‖A v − λ v‖`` are computed
+    exactly with ``k_top + k_bottom`` extra matvecs, so convergence is measured, not assumed.
+
+    Args:
+      matvec: ``v[n] -> A v``; must be symmetric.
+      n: dimension.
+      num_iters: Krylov dimension ``m`` (default ``min(n, max(3 (k_top + k_bottom), 60))``).
+    """
+    k = k_top + k_bottom
+    if k < 1:
+        raise QuarticError("ask for at least one eigenpair (k_top + k_bottom >= 1)")
+    if k > n:
+        raise QuarticError(f"asked for {k} eigenpairs of an operator of dimension n={n}")
+    m = num_iters or min(n, max(3 * k, 60))
+    if m < k:
+        raise QuarticError(f"num_iters={m} is smaller than the number of eigenpairs asked ({k})")
+    dtype = dtype or (v0.dtype if v0 is not None else jnp.result_type(float))
+    if v0 is None:
+        key = jax.random.PRNGKey(0) if key is None else key
+        v0 = jax.random.normal(key, (n,), dtype)
+    tri = lanczos_tridiag(matvec, v0, m)
+    theta, s = _tridiag_eigh(tri.alpha, tri.beta)  # ascending
+    ritz = tri.basis.T @ s  # [n, m]
+    order = jnp.concatenate([jnp.arange(m - 1, m - 1 - k_top, -1), jnp.arange(k_bottom)])
+    vals = theta[order]
+    vecs = ritz[:, order]
+    vecs = vecs / jnp.linalg.norm(vecs, axis=0, keepdims=True)
+    av = jax.vmap(matvec, in_axes=1, out_axes=1)(vecs)
+    res = jnp.linalg.norm(av - vecs * vals[None, :], axis=0)
+    top = Eigenpairs(vals[:k_top], vecs[:, :k_top], res[:k_top])
+    bottom = Eigenpairs(vals[k_top:], vecs[:, k_top:], res[k_top:])
+    return LanczosResult(top, bottom, m + k)
+
+
+def dense_eigh_extremes(a: jax.Array, k_top: int, k_bottom: int = 0) -> LanczosResult:
+    """The same result type from a dense symmetric matrix (the exact oracle)."""
+    w, v = jnp.linalg.eigh(symmetrize(a))
+    n = a.shape[0]
+    order = jnp.concatenate([jnp.arange(n - 1, n - 1 - k_top, -1), jnp.arange(k_bottom)])
+    vals, vecs = w[order], v[:, order]
+    res = jnp.linalg.norm(a @ vecs - vecs * vals[None, :], axis=0)
+    return LanczosResult(
+        Eigenpairs(vals[:k_top], vecs[:, :k_top], res[:k_top]),
+        Eigenpairs(vals[k_top:], vecs[:, k_top:], res[k_top:]),
+        0,
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# Trace and spectral density
+
+
+class TraceEstimate(NamedTuple):
+    value: jax.Array
+    stderr: jax.Array
+
+
+def hutchinson_trace(
+    matvec: Matvec, n: int, num_samples: int, key: jax.Array, dtype=None
+) -> TraceEstimate:
+    """Hutchinson's estimate ``E[zᵀ A z]`` with Rademacher ``z``, and its standard error."""
+    dtype = dtype or jnp.result_type(float)
+    z = jax.random.rademacher(key, (num_samples, n), dtype)
+    quad = jax.vmap(lambda v: jnp.vdot(v, matvec(v)))(z)
+    return TraceEstimate(quad.mean(), quad.std(ddof=1) / jnp.sqrt(num_samples))
+
+
+class SpectralDensity(NamedTuple):
+    nodes: jax.Array  # [num_probes, num_iters] Gauss quadrature nodes (Ritz values)
+    weights: jax.Array  # [num_probes, num_iters] weights, each row sums to 1
+    grid: jax.Array  # [num_grid]
+    density: jax.Array  # [num_grid], Gaussian-smoothed, integrates to ~1
+
+
+def slq_density(
+    matvec: Matvec,
+    n: int,
+    num_probes: int,
+    num_iters: int,
+    key: jax.Array,
+    num_grid: int = 400,
+    sigma: float | None = None,
+    dtype=None,
+) -> SpectralDensity:
+    """Stochastic Lanczos quadrature (Ubaru, Chen & Saad 2017) for the spectral density.
+
+    Each probe ``z`` gives a ``num_iters``-point Gauss quadrature of ``zᵀ δ(A − x) z``; the nodes
+    are smoothed with a Gaussian of width ``sigma`` (default 1 % of the spectral range).
+    """
+    dtype = dtype or jnp.result_type(float)
+    probes = jax.random.rademacher(key, (num_probes, n), dtype)
+
+    def one(z):
+        tri = lanczos_tridiag(matvec, z, num_iters)
+        theta, s = _tridiag_eigh(tri.alpha, tri.beta)
+        return theta, s[0] ** 2
+
+    nodes, weights = lax.map(one, probes)
+    lo, hi = nodes.min(), nodes.max()
+    span = jnp.maximum(hi - lo, jnp.finfo(dtype).eps)
+    width = sigma if sigma is not None else 0.01 * span
+    grid = jnp.linspace(lo - 0.1 * span, hi + 0.1 * span, num_grid, dtype=dtype)
+    kern = jnp.exp(-0.5 * ((grid[:, None, None] - nodes[None]) / width) ** 2)
+    density = (kern * weights[None]).sum(axis=(1, 2)) / (num_probes * width * jnp.sqrt(2 * jnp.pi))
+    return SpectralDensity(nodes, weights, grid, density)
+
+
+# ----------------------------------------------------------------------------------------------
+# Fisher information of a categorical model
+
+
+def fisher_matvec(
+    logits_fn: Callable[[jax.Array], jax.Array], theta: jax.Array, weights: jax.Array | None = None
+) -> Matvec:
+    """True Fisher ``F = (1/N) Σ_i J_iᵀ (diag p_i − p_i p_iᵀ) J_i`` as a matvec.
+
+    ``logits_fn(theta) -> [N, C]`` gives one categorical distribution per example (e.g. the
+    answer-position logits of a language model). This is also the Gauss–Newton matrix of the mean
+    cross-entropy and the exact Hessian at ``θ*`` of the KL drift ``E KL(p_θ* ‖ p_θ)``.
+    ``weights[N]`` (default uniform) reweights examples; they are normalised to sum to one.
+    """
+    z, jvp_fn = jax.linearize(logits_fn, theta)
+    if z.ndim != 2:
+        raise QuarticError(f"logits_fn must return [N, C] logits, got shape {z.shape}")
+    p = jax.nn.softmax(z, axis=-1)
+    w = jnp.full(z.shape[0], 1.0 / z.shape[0], z.dtype) if weights is None else weights
+    w = w / w.sum()
+    vjp_fn = jax.linear_transpose(jvp_fn, theta)
+
+    def mv(v):
+        jv = jvp_fn(v)
+        hv = p * jv - p * jnp.sum(p * jv, axis=-1, keepdims=True)
+        return vjp_fn(hv * w[:, None])[0]
+
+    return mv
+
+
+def output_jacobian(logits_fn: Callable[[jax.Array], jax.Array], theta: jax.Array) -> jax.Array:
+    """``J = ∂ logits / ∂θ``, shape ``[N, C, n]`` (dense; for small models and oracles)."""
+    return jax.jacrev(logits_fn)(theta)
+
+
+def fisher_factor(
+    logits_fn: Callable[[jax.Array], jax.Array],
+    theta: jax.Array,
+    labels: jax.Array,
+    index: jax.Array | None = None,
+) -> jax.Array:
+    """Score vectors ``G[r] = ∇_θ log p_θ(labels[r] | x_{index[r]})``, shape ``[R, n]``.
+
+    ``F̂ = Gᵀ G / R`` is the *empirical* Fisher when ``labels`` are the data's labels and a
+    Monte-Carlo estimate of the true Fisher when they are sampled from the model
+    (:func:`sample_labels`); its rank is at most ``R``. Computed from one output Jacobian as
+    ``G[r] = J_iᵀ (e_y − p_i)``, so R can be large without R backward passes.
+    """
+    if labels.ndim != 1:
+        raise QuarticError(f"labels must be [R], got shape {labels.shape}")
+    jac = output_jacobian(logits_fn, theta)
+    p = jax.nn.softmax(logits_fn(theta), -1)
+    index = jnp.arange(labels.shape[0]) if index is None else index
+    if index.shape != labels.shape:
+        raise QuarticError(f"index {index.shape} and labels {labels.shape} must match")
+    resid = jax.nn.one_hot(labels, p.shape[-1], dtype=p.dtype) - p[index]
+    return jnp.einsum("rc,rcp->rp", resid, jac[index])
+
+
+def sample_labels(
+    logits_fn: Callable[[jax.Array], jax.Array], theta: jax.Array, key: jax.Array, num_samples: int
+) -> tuple[jax.Array, jax.Array]:
+    """Draw ``num_samples`` labels per example from the model; returns ``(example_index, label)``."""
+    z = logits_fn(theta)
+    y = jax.random.categorical(key, z, axis=-1, shape=(num_samples, z.shape[0]))
+    idx = jnp.broadcast_to(jnp.arange(z.shape[0]), (num_samples, z.shape[0]))
+    return idx.reshape(-1), y.reshape(-1)
+
+
+def monte_carlo_fisher(
+    logits_fn: Callable[[jax.Array], jax.Array],
+    theta: jax.Array,
+    key: jax.Array,
+    num_samples: int = 1,
+) -> jax.Array:
+    """Dense Monte-Carlo Fisher ``[n, n]`` from ``num_samples`` model-sampled labels per example.
+
+    Equal to ``Gᵀ G / (N S)`` for the sampled scores, computed as ``mean_i J_iᵀ Ĉ_i J_i`` with
+    ``Ĉ_i`` the sample second moment of ``e_y − p_i``: memory ``O(N C n)``, not ``O(N S n)``.
+    """
+    z = logits_fn(theta)
+    p = jax.nn.softmax(z, -1)
+    y = jax.random.categorical(key, z, axis=-1, shape=(num_samples, z.shape[0]))
+    r = jax.nn.one_hot(y, p.shape[-1], dtype=p.dtype) - p[None]  # [S, N, C]
+    cov = jnp.einsum("snc,snd->ncd", r, r) / num_samples
+    jac = output_jacobian(logits_fn, theta)
+    return jnp.einsum("ncp,ncd,ndq->pq", jac, cov, jac) / z.shape[0]
+
+
+def empirical_fisher(
+    logits_fn: Callable[[jax.Array], jax.Array], theta: jax.Array, labels: jax.Array
+) -> jax.Array:
+    """Dense empirical Fisher ``[n, n]`` from the data's labels (rank ≤ N)."""
+    g = fisher_factor(logits_fn, theta, labels)
+    return g.T @ g / g.shape[0]

@@ -1,0 +1,104 @@
+"""Flat views of pytrees and parameter subsets.
+
+The curvature and theory code works on a flat vector ``theta`` of shape ``[n]``; models keep their
+parameters as pytrees. This module is the one place that converts between the two, and the one
+place where a *subset* of the parameters (one layer, the LoRA adapters) is selected.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax.flatten_util import ravel_pytree
+
+from quartic.errors import QuarticError
+
+PyTree = Any
+
+
+def ravel(params: PyTree) -> tuple[jax.Array, Callable[[jax.Array], PyTree]]:
+    """Flatten ``params`` to ``theta[n]``; returns ``(theta, unravel)``."""
+    theta, unravel = ravel_pytree(params)
+    return theta, unravel
+
+
+def select(params: PyTree, where: PyTree | Callable[[tuple, Any], bool] | None):
+    """Split ``params`` into the selected leaves and a function that puts them back.
+
+    Args:
+      params: any pytree of arrays.
+      where: ``None`` (everything), a pytree of booleans with the structure of ``params`` (a
+        leaf-level mask), or a predicate ``where(path, leaf) -> bool`` on
+        ``jax.tree_util.tree_flatten_with_path`` paths (e.g. ``lambda p, _: "lora" in str(p)``).
+
+    Returns:
+      ``(sub, merge)``: ``sub`` is a list of the selected leaves, ``merge(sub) -> params`` rebuilds
+      the full pytree with the other leaves held at their current values.
+    """
+    leaves_with_path, treedef = jax.tree_util.tree_flatten_with_path(params)
+    leaves = [leaf for _, leaf in leaves_with_path]
+    if where is None:
+        keep = [True] * len(leaves)
+    elif callable(where):
+        keep = [bool(where(path, leaf)) for path, leaf in leaves_with_path]
+    else:
+        mask_leaves, mask_def = jax.tree_util.tree_flatten(where)
+        if mask_def != treedef:
+            raise QuarticError(
+                f"parameter mask does not have the structure of params: {mask_def} vs {treedef}"
+            )
+        keep = [bool(m) for m in mask_leaves]
+    if not any(keep):
+        raise QuarticError("the parameter subset is empty: the mask selects no leaf")
+    idx = [i for i, k in enumerate(keep) if k]
+    sub = [leaves[i] for i in idx]
+
+    def merge(new_sub):
+        out = list(leaves)
+        for i, leaf in zip(idx, new_sub, strict=True):
+            out[i] = leaf
+        return jax.tree_util.tree_unflatten(treedef, out)
+
+    return sub, merge
+
+
+def flat_fn(
+    fn: Callable[..., Any],
+    params: PyTree,
+    batch: Any = None,
+    where=None,
+) -> tuple[Callable[[jax.Array], Any], jax.Array, Callable[[jax.Array], PyTree]]:
+    """``fn(params[, batch])`` as a function of the flat selected parameters.
+
+    Returns ``(f, theta, to_params)`` with ``f(theta) == fn(params[, batch])`` at the starting
+    point and ``to_params(theta)`` the full pytree.
+    """
+    sub, merge = select(params, where)
+    theta, unravel = ravel(sub)
+
+    def to_params(th):
+        return merge(unravel(th))
+
+    if batch is None:
+        return (lambda th: fn(to_params(th))), theta, to_params
+    return (lambda th: fn(to_params(th), batch)), theta, to_params
+
+
+def scalar_loss(loss_fn: Callable[[jax.Array], Any], theta: jax.Array, name: str) -> jax.Array:
+    """Evaluate ``loss_fn(theta)`` once and check it is a finite scalar, naming ``name`` if not."""
+    value = loss_fn(theta)
+    shape = jnp.shape(value)
+    if shape != ():
+        raise QuarticError(f"{name} must return a scalar, got shape {shape}")
+    if not bool(jnp.isfinite(value)):
+        raise QuarticError(f"{name} is not finite at the given parameters: {float(value)}")
+    return value
+
+
+def check_finite(x: jax.Array, name: str) -> None:
+    """Raise a :class:`QuarticError` naming ``name`` if ``x`` has a NaN or an infinity."""
+    if not bool(jnp.all(jnp.isfinite(x))):
+        raise QuarticError(f"{name} contains non-finite values (NaN or inf)")
