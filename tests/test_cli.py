@@ -1,0 +1,421 @@
+"""The `quartic` command and config overrides: typed parsing, one-line errors, kill-and-resume."""
+
+import dataclasses
+import json
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import time
+import types
+from typing import Literal, Optional
+
+import pytest
+
+from quartic import cli
+from quartic.config import apply_overrides, config_from_dict, config_keys, config_to_dict
+from quartic.errors import QuarticError
+from quartic.runs import read_json, read_jsonl
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+# --------------------------------------------------------------------------------------------------
+# Overrides.
+
+
+@dataclasses.dataclass(frozen=True)
+class Model:
+    width: int = 8
+    act: Literal["relu", "tanh"] = "relu"
+
+
+@dataclasses.dataclass(frozen=True)
+class Cfg:
+    steps: int = 10
+    lr: float = 0.1
+    flag: bool = False
+    name: str = "x"
+    widths: tuple[int, ...] = (1, 2)
+    times: tuple[float, ...] = (0.5,)
+    pair: tuple[int, float] = (1, 2.0)
+    seed: int | None = None
+    eps: Optional[float] = 1e-3  # noqa: UP045 - both spellings of optional are supported
+    path: pathlib.Path = pathlib.Path("a")
+    model: Model = dataclasses.field(default_factory=Model)
+
+    def __post_init__(self):
+        if self.steps < 0:
+            raise ValueError("steps must be >= 0")
+
+
+def test_overrides_parse_each_declared_type():
+    base = Cfg()
+    cfg = apply_overrides(
+        base,
+        [
+            "steps=1e3",
+            "lr=1",
+            "flag=YES",
+            "name=a=b",
+            "widths=4, 8,16",
+            "times=",
+            "pair=3,0.25",
+            "seed=7",
+            "eps=None",
+            "path=out/x",
+            "model.width=64",
+            "model.act=tanh",
+        ],
+    )
+    assert cfg == Cfg(
+        steps=1000,
+        lr=1.0,
+        flag=True,
+        name="a=b",
+        widths=(4, 8, 16),
+        times=(),
+        pair=(3, 0.25),
+        seed=7,
+        eps=None,
+        path=pathlib.Path("out/x"),
+        model=Model(width=64, act="tanh"),
+    )
+    assert type(cfg.steps) is int and type(cfg.lr) is float and type(cfg.pair[1]) is float
+    assert base == Cfg()  # the input is not modified
+    for text, value in [("true", True), ("0", False), ("No", False), ("1", True)]:
+        assert apply_overrides(base, [f"flag={text}"]).flag is value
+    assert apply_overrides(base, ["lr=0.5", "lr=0.25"]).lr == 0.25  # last wins
+    assert apply_overrides(base, ["lr=inf"]).lr == float("inf")
+    assert config_keys(Cfg)[-2:] == ["model.width", "model.act"]
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("steps", "override 'steps' is not of the form key=value"),
+        ("=3", "override '=3' is not of the form key=value"),
+        ("nope=1", "unknown config key 'nope' for Cfg; valid keys: steps, lr, flag, name, "),
+        ("model.nope=1", "unknown config key 'model.nope' for Cfg; valid keys: "),
+        ("steps.x=1", "unknown config key 'steps.x' for Cfg ('steps' has no fields)"),
+        (
+            "model=3",
+            "config key 'model' is a group; set its fields instead: model.width, model.act",
+        ),
+        ("steps=abc", "config key 'steps' expects int, got 'abc'"),
+        ("steps=2.5", "config key 'steps' expects int, got '2.5'"),
+        ("lr=fast", "config key 'lr' expects float, got 'fast'"),
+        ("lr=nan", "config key 'lr' expects float, got 'nan'"),
+        ("flag=maybe", "config key 'flag' expects bool (true/false, yes/no, 1/0), got 'maybe'"),
+        ("widths=1,x", "config key 'widths' expects a comma list of int, got '1,x'"),
+        ("pair=1", "config key 'pair' expects a comma list of 2 values (int, float), got '1'"),
+        ("seed=abc", "config key 'seed' expects int or none, got 'abc'"),
+        ("model.act=gelu", "config key 'model.act' expects one of 'relu', 'tanh', got 'gelu'"),
+        ("steps=-1", "invalid config after overrides ['steps=-1']: steps must be >= 0"),
+    ],
+)
+def test_override_errors_name_the_problem(override, message):
+    with pytest.raises(QuarticError) as info:
+        apply_overrides(Cfg(), [override])
+    assert str(info.value).startswith(message)
+
+
+def test_override_of_an_unsupported_type_says_so():
+    @dataclasses.dataclass(frozen=True)
+    class WithDict:
+        table: dict = dataclasses.field(default_factory=dict)
+
+    with pytest.raises(QuarticError, match="'table' has type dict, which cannot be set"):
+        apply_overrides(WithDict(), ["table=1"])
+
+
+def test_config_json_round_trip():
+    cfg = apply_overrides(Cfg(), ["widths=3,5", "seed=2", "model.width=4", "path=p/q"])
+    data = json.loads(json.dumps(config_to_dict(cfg)))
+    assert data["widths"] == [3, 5] and data["model"] == {"width": 4, "act": "relu"}
+    assert config_from_dict(Cfg, data) == cfg
+    assert config_from_dict(Cfg, {"lr": 1}) == Cfg(lr=1.0)  # missing keys take defaults
+    with pytest.raises(QuarticError, match="unknown config key 'model.depth' for Model"):
+        config_from_dict(Cfg, {"model": {"depth": 2}})
+    with pytest.raises(QuarticError, match="config key 'steps' expects int, got 'x'"):
+        config_from_dict(Cfg, {"steps": "x"})
+    with pytest.raises(QuarticError, match="config key 'pair' expects a comma list of 2 values"):
+        config_from_dict(Cfg, {"pair": [1]})
+
+
+# --------------------------------------------------------------------------------------------------
+# One-line errors.
+
+
+def _one_line_error(err: str) -> str:
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith("quartic: error: "), err
+    assert "Traceback" not in err
+    return lines[0]
+
+
+def test_unknown_experiment_in_a_real_process(tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.run(
+        [sys.executable, "-m", "quartic.cli", "run", "no_such_experiment"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 2
+    line = _one_line_error(proc.stderr)
+    assert "unknown experiment 'no_such_experiment'" in line
+
+
+@pytest.mark.parametrize(
+    "argv, expected",
+    [
+        (["run", "nope"], "unknown experiment 'nope'"),
+        (["run", "_example_sweep", "--set", "n_units=abc"], "'n_units' expects int, got 'abc'"),
+        (["run", "_example_sweep", "--set", "depth=3"], "unknown config key 'depth' for Config"),
+        (["run", "_example_sweep", "--set", "seed"], "not of the form key=value"),
+        (["figures", "--out", "missing_results"], "no results folder missing_results"),
+        (["reproduce", "--only", "nope"], "unknown experiment 'nope'"),
+        (["run"], "the following arguments are required: name (see 'quartic run --help')"),
+        (["frobnicate"], "invalid choice: 'frobnicate'"),
+    ],
+)
+def test_bad_input_gives_one_line(argv, expected, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    code = cli.main(argv)
+    assert code == 2
+    assert expected in _one_line_error(capsys.readouterr().err)
+    assert not (tmp_path / "results").exists()
+
+
+def test_rerun_with_another_config_is_refused(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert (
+        cli.main(["run", "_example_sweep", "--quick", "--out", str(out), "--set", "n_units=2"]) == 0
+    )
+    capsys.readouterr()
+    code = cli.main(["run", "_example_sweep", "--quick", "--out", str(out), "--set", "n_units=3"])
+    assert code == 2
+    line = _one_line_error(capsys.readouterr().err)
+    assert "different config (n_units: 2 -> 3)" in line
+    assert sorted(p.name for p in (out / "units").iterdir()) == ["unit_000.json", "unit_001.json"]
+
+
+def test_missing_experiments_folder(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv(cli.EXPERIMENTS_ENV, str(tmp_path / "nowhere"))
+    assert cli.main(["list"]) == 2
+    assert "no experiments folder at" in _one_line_error(capsys.readouterr().err)
+
+
+def test_diagnose_dispatches_or_says_it_is_missing(monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "quartic.diagnose", None)
+    assert cli.main(["diagnose", "ckpt"]) == 2
+    assert "quartic diagnose` is not available" in _one_line_error(capsys.readouterr().err)
+
+    seen = []
+    fake = types.ModuleType("quartic.diagnose")
+    fake.cli_main = lambda args: seen.append(args) or 3
+    monkeypatch.setitem(sys.modules, "quartic.diagnose", fake)
+    assert cli.main(["diagnose", "ckpt", "--rank", "4", "--help"]) == 3
+    assert seen == [["ckpt", "--rank", "4", "--help"]]
+
+
+# --------------------------------------------------------------------------------------------------
+# list, reproduce, figures (on fake experiments).
+
+FAKE = '''
+"""Fake experiment {name}."""
+import dataclasses, json, pathlib
+from quartic.errors import DivergenceError
+
+TITLE = "Fake {name}"
+QUICK_SECONDS = 90
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    scale: float = 10.0
+
+    @classmethod
+    def quick(cls):
+        return cls(scale=1.0)
+
+def run(config, out_dir):
+    with open(pathlib.Path(out_dir).parent / "calls.log", "a") as f:
+        f.write("{name}\\n")
+    if "{name}" == "diverges":
+        raise DivergenceError("loss is nan at step 3", partial={{"losses": [1.0]}})
+    summary = {{"value": config.scale * 2}}
+    (pathlib.Path(out_dir) / "summary.json").write_text(json.dumps(summary))
+    return summary
+
+def plot(out_dir, fig_dir):
+    summary = json.loads((pathlib.Path(out_dir) / "summary.json").read_text())
+    path = pathlib.Path(fig_dir) / "{name}.txt"
+    path.write_text(str(summary["value"]))
+    return [path]
+
+def table(summary):
+    return [{{"quantity": "value", "theory": 2.0, "measured": summary["value"], "verdict": "ok"}}]
+'''
+
+
+@pytest.fixture
+def fake_experiments(tmp_path, monkeypatch):
+    folder = tmp_path / "experiments"
+    folder.mkdir()
+    for name in ["zeta", "forecast", "alpha", "quartic_law", "diverges", "_hidden"]:
+        (folder / f"{name}.py").write_text(FAKE.format(name=name))
+    (folder / "broken.py").write_text("x = 1\n")
+    monkeypatch.setenv(cli.EXPERIMENTS_ENV, str(folder))
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+def test_list_shows_titles_and_estimates(fake_experiments, capsys):
+    assert cli.main(["list"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    names = [line.split()[0] for line in lines[1:]]
+    assert names == ["quartic_law", "forecast", "alpha", "broken", "diverges", "zeta"]
+    assert lines[1].split(None, 1)[1] == "~1.5 min  Fake quartic_law"
+    assert "lacks Config, run, plot" in lines[4]
+    assert cli.main(["list", "--all"]) == 0
+    assert "_hidden" in capsys.readouterr().out
+
+
+def test_reproduce_then_figures(fake_experiments, capsys):
+    root = fake_experiments
+    only = "quartic_law,alpha,diverges,zeta,forecast"
+    assert cli.main(["reproduce", "--only", only]) == 1  # diverges failed
+    captured = capsys.readouterr()
+    assert "quartic: error: diverges: loss is nan at step 3 (partial results in" in captured.err
+    results = root / "results" / "quick"
+    # --only keeps the given order; without it the ORDER list decides (test below).
+    assert (results / "calls.log").read_text().split() == only.split(",")
+    summary = read_json(results / "summary.json")
+    assert summary["mode"] == "quick"
+    measured = {r["experiment"]: r["measured"] for r in summary["rows"]}
+    assert measured == {
+        "quartic_law": 2.0,
+        "alpha": 2.0,
+        "zeta": 2.0,
+        "forecast": 2.0,
+        "diverges": None,
+    }
+    assert read_json(results / "diverges" / "partial.json") == {"losses": [1.0]}
+    assert "| quartic_law | value | 2 | 2 | ok |" in (results / "summary.md").read_text()
+    assert "| quartic_law | value | 2 | 2 | ok |" in captured.out
+    assert sorted(p.name for p in (root / "figures").iterdir()) == [
+        "alpha.txt", "forecast.txt", "quartic_law.txt", "zeta.txt",
+    ]  # fmt: skip
+
+    # Redraw from the saved results only: run() is not called again.
+    for p in (root / "figures").iterdir():
+        p.unlink()
+    assert cli.main(["figures", "--only", "alpha,zeta", "--figures", "figs"]) == 0
+    assert sorted(p.name for p in (root / "figs").iterdir()) == ["alpha.txt", "zeta.txt"]
+    assert cli.main(["figures", "--only", "quartic_law,diverges"]) == 2
+    assert "no such file or folder" in _one_line_error(capsys.readouterr().err)
+    assert len((results / "calls.log").read_text().split()) == 5
+
+
+def test_reproduce_order_full_and_hidden(fake_experiments, capsys):
+    (fake_experiments / "experiments" / "broken.py").unlink()
+    (fake_experiments / "experiments" / "diverges.py").unlink()
+    assert cli.main(["reproduce", "--full", "--out", "full", "--figures", "f"]) == 0
+    calls = (fake_experiments / "full" / "calls.log").read_text().split()
+    assert calls == ["quartic_law", "forecast", "alpha", "zeta"]
+    rows = read_json(fake_experiments / "full" / "summary.json")["rows"]
+    assert [r["measured"] for r in rows] == [20.0] * 4
+
+
+# --------------------------------------------------------------------------------------------------
+# Kill and resume: a real process, killed midway, rerun to completion.
+
+
+def _reference(tmp_path) -> pathlib.Path:
+    out = tmp_path / "reference"
+    assert cli.main(["run", "_example_sweep", "--quick", "--out", str(out)]) == 0
+    return out
+
+
+def _unit_files(out: pathlib.Path) -> dict[str, tuple[int, int]]:
+    units = out / "units"
+    if not units.is_dir():
+        return {}
+    return {p.stem: (p.stat().st_ino, p.stat().st_mtime_ns) for p in units.glob("unit_*.json")}
+
+
+def _interrupt(cmd, out, sig, cwd) -> tuple[subprocess.CompletedProcess, dict]:
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.Popen(
+        cmd,
+        cwd=cwd,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        # A shell may start us with SIGINT ignored; the child must see it as Ctrl-C.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
+    deadline = time.monotonic() + 60
+    while len(_unit_files(out)) < 3:
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() < deadline, "the sweep never got going"
+        time.sleep(0.02)
+    proc.send_signal(sig)
+    stdout, stderr = proc.communicate(timeout=60)
+    finished = _unit_files(out)
+    return subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr), finished
+
+
+def _check_resumed(out, reference, log, finished):
+    assert 0 < len(finished) < 12
+    after = _unit_files(out)
+    assert len(after) == 12
+    for name, stat in finished.items():
+        assert after[name] == stat, f"{name} was rewritten"
+    starts = log.read_text().split()
+    for name in finished:
+        assert starts.count(name) == 1, f"{name} was recomputed"
+    assert sorted(set(starts)) == sorted(after)
+    assert len(starts) <= 12 + 1  # at most the unit in flight at the kill runs twice
+    for name in after:
+        got = read_json(out / "units" / f"{name}.json")
+        want = read_json(reference / "units" / f"{name}.json")
+        assert got["status"] == "done" and got["result"] == want["result"]
+    assert read_json(out / "summary.json") == read_json(reference / "summary.json")
+    assert read_jsonl(out / "metrics.jsonl") == read_jsonl(reference / "metrics.jsonl")
+
+
+def test_sigkill_midway_then_resume_matches_an_uninterrupted_run(tmp_path, capsys):
+    reference = _reference(tmp_path)
+    out, log = tmp_path / "killed", tmp_path / "starts.log"
+    args = ["run", "_example_sweep", "--quick", "--out", str(out)]
+    sets = ["--set", "delay=0.25", f"log_file={log}"]
+    proc, finished = _interrupt(
+        [sys.executable, "-m", "quartic.cli", *args, *sets], out, signal.SIGKILL, tmp_path
+    )
+    assert proc.returncode == -signal.SIGKILL
+    capsys.readouterr()
+    assert cli.main([*args, *sets]) == 0
+    assert f"{len(finished)} of 12 units already in" in capsys.readouterr().err
+    _check_resumed(out, reference, log, finished)
+
+
+def test_ctrl_c_midway_then_resume_via_the_script(tmp_path, capsys):
+    reference = _reference(tmp_path)
+    out, log = tmp_path / "interrupted", tmp_path / "starts.log"
+    script = [sys.executable, str(REPO / "experiments" / "_example_sweep.py")]
+    args = ["--quick", "--out", str(out), "--set", "delay=0.25", f"log_file={log}"]
+    proc, finished = _interrupt([*script, *args], out, signal.SIGINT, tmp_path)
+    assert proc.returncode == 130
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("quartic: interrupted; the results finished so far are saved in")
+    assert "rerunning the same command resumes" in last
+    assert "Traceback" not in proc.stderr
+    capsys.readouterr()
+    assert cli.main(["run", "_example_sweep", *args]) == 0
+    _check_resumed(out, reference, log, finished)
