@@ -108,6 +108,8 @@ def _finite_state(theta, obs):
 
 
 def _check_grid(name, grid):
+    if isinstance(grid, jax.core.Tracer):
+        return  # checked by the caller that made the grid concrete
     g = np.asarray(grid)
     if g.ndim != 1 or g.size == 0:
         raise QuarticError(f"{name} must be a non-empty 1-D array")
