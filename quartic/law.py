@@ -58,8 +58,8 @@ def measure_quadratic(
     t_lambda: tuple[float, float] = (1e-5, 3.0),
     num_times: int = 60,
     fit_window: tuple[float, float] = (1e-4, 1e-2),
-    gd_steps: int = 2000,
-    gd_lr_lambda: float = 1e-3,
+    gd_steps: int = 10_000,
+    gd_lr_lambda: float = 1e-6,
 ) -> dict:
     """The law on one quadratic problem, for gradient flow and gradient descent.
 
