@@ -233,3 +233,240 @@ def taylor_onset(
     fact = jnp.asarray([math.factorial(k) for k in range(1, order + 1)], theta_star.dtype)
     coeffs = jnp.stack(useries) / fact
     return TaylorOnset(coeffs, jnp.stack(derivs))
+
+
+# ----------------------------------------------------------------------------------------------
+# --- Other optimisers (ours) ---
+#
+# Derivations: docs/optimisers.md. Each optimiser's first steps are expanded in powers of the
+# learning rate η about θ*, on a quadratic L_FT (gradient g + Hδ), to the order where the alignment
+# loss first sees the sensitive subspace.
+
+
+#: The local log-log slope of ``E Δu = r t + c₄ t⁴`` where its two terms are equal, (1 + 4)/2:
+#: the measured SGD crossover is where the slope of E Δu passes this value.
+SGD_CROSSOVER_SLOPE = (1 + ORDER) / 2
+
+
+def sgd_noise_rate(lr, trace_f_sigma) -> jax.Array:
+    """*(ours)* ``E Δu ≈ r t + γ_F² t⁴/8`` under SGD with additive gradient noise of covariance Σ:
+    ``r = ½ η tr(FΣ)``.
+
+    The iterates' fluctuation ``e_k`` obeys ``e_{k+1} = (I − ηH) e_k − η ξ_k``, so
+    ``Cov e_k = η² Σ_{j<k} (I − ηH)^j Σ (I − ηH)^j = η t Σ (1 + O(t λ_max(H)))`` with ``t = ηk``,
+    and ``E ½ eᵀFe = ½ tr(F Cov e_k)``. THEORY.md writes ``tr(FPΣP)``: that is the same number when
+    F has no mass outside M (F = PFP); with a Fisher tail the full ``tr(FΣ)`` is the correct one.
+    """
+    return 0.5 * jnp.asarray(lr) * jnp.asarray(trace_f_sigma)
+
+
+def sgd_expected_delta_u(t, lr, trace_f_sigma, gamma_fisher) -> jax.Array:
+    """*(ours)* The two leading terms of ``E Δu(t)`` under noisy SGD with Pg = 0 and no tail:
+    ``½ η t tr(FΣ) + γ_F² t⁴/8`` (their crossover is :func:`sgd_noise_crossover_time`)."""
+    t = jnp.asarray(t)
+    return sgd_noise_rate(lr, trace_f_sigma) * t + quartic_coefficient(gamma_fisher) * t**4
+
+
+def sgd_noise_delta_u(fisher, ft_hessian, sigma, lr, steps) -> jax.Array:
+    """*(ours, exact on quadratics)* The noise part ``½ tr(F Cov θ_k)`` of ``E Δu`` after ``k``
+    SGD steps, ``θ_{k+1} = θ_k − η(∇L_FT(θ_k) + ξ_k)``, ``ξ_k ~ (0, Σ)`` independent.
+
+    ``E Δu_k = Δu(E δ_k) + ½ tr(F Cov δ_k)`` exactly (Δu is quadratic), and ``E δ_k`` is the
+    noise-free gradient-descent path. In H's eigenbasis (values μ, ``Σ̃ = UᵀΣU``)
+    ``Coṽ_{ab} = η² Σ̃_{ab} Σ_{j<k} (ρ_a ρ_b)^j``, ``ρ = 1 − ημ``; the geometric sum is evaluated
+    as ``expm1(k ℓ)/expm1(ℓ)``, ``ℓ = log1p(−ημ_a) + log1p(−ημ_b)``, accurate for ``ημ → 0``.
+
+    Args:
+      fisher: ``F [n, n]``. ft_hessian: ``H [n, n]``, with ``η λ_max(H) < 1``.
+      sigma: ``Σ [n, n]``. lr: η. steps: ``k`` scalar or ``[K]``.
+
+    Returns:
+      ``[K]`` (or a scalar): ``½ tr(F Cov θ_k)``; ``½ η t tr(FΣ)`` to first order in t = ηk.
+    """
+    mu, u = jnp.linalg.eigh(ft_hessian)
+    f_t = u.T @ fisher @ u
+    s_t = u.T @ sigma @ u
+    k = jnp.asarray(steps, mu.dtype)
+    log_rho = jnp.log1p(-lr * mu)
+    ell = log_rho[:, None] + log_rho[None, :]
+    flat = ell == 0
+    ell_safe = jnp.where(flat, -1.0, ell)
+    shape = k.shape + ell.shape
+    kk = jnp.broadcast_to(k[..., None, None], shape)
+    geo = jnp.where(
+        jnp.broadcast_to(flat, shape),
+        kk,
+        jnp.expm1(kk * jnp.broadcast_to(ell_safe, shape))
+        / jnp.broadcast_to(jnp.expm1(ell_safe), shape),
+    )
+    cov_t = lr**2 * jnp.broadcast_to(s_t, shape) * geo
+    return 0.5 * jnp.sum(cov_t * jnp.broadcast_to(f_t, shape), axis=(-2, -1))
+
+
+def momentum_coefficients(num_steps: int, beta) -> tuple[jax.Array, jax.Array]:
+    """*(ours)* Heavy-ball displacement ``δ_k = −η a_k g + η² b_k Hg + O(η³)`` for k = 0..K.
+
+    optax's ``sgd(η, momentum=β)``: ``m_{k+1} = ∇L_FT(θ_k) + β m_k``, ``θ_{k+1} = θ_k − η m_{k+1}``,
+    ``m_0 = 0``. At order η the momentum is ``(1 − β^{j+1})/(1 − β) g``, so
+    ``a_k = Σ_{j<k} (1 − β^{j+1})/(1 − β)``; the η² part of the gradient, ``−η a_j Hg``, is
+    accumulated the same way: ``b_k = Σ_{i<k} a_i (1 − β^{k−i})/(1 − β)``. By recursion (exact,
+    no cancellation): ``m¹ ← 1 + β m¹``, ``a ← a + m¹``, ``m² ← β m² + a_old``, ``b ← b + m²``.
+    β = 0 gives gradient descent, ``a_k = k``, ``b_k = k(k−1)/2``; for ``k ≫ 1/(1−β)``,
+    ``a_k ≈ k/(1−β)`` and ``b_k ≈ k²/(2(1−β)²)`` (gradient descent with step η/(1−β)); for
+    ``k ≪ 1/(1−β)``, ``a_k ≈ k(k+1)/2`` and ``b_k = O(k⁴)``.
+
+    Returns:
+      ``a [K+1]``, ``b [K+1]`` (index k = 0..K; ``num_steps = K`` must be static).
+    """
+    beta = jnp.asarray(beta, jnp.result_type(float))
+
+    def step(carry, _):
+        a, b, m1, m2 = carry
+        m1 = 1.0 + beta * m1
+        m2 = beta * m2 + a
+        new = (a + m1, b + m2, m1, m2)
+        return new, new[:2]
+
+    zero = jnp.zeros_like(beta)
+    _, (a, b) = jax.lax.scan(step, (zero, zero, zero, zero), None, length=num_steps)
+    return jnp.concatenate([zero[None], a]), jnp.concatenate([zero[None], b])
+
+
+def momentum_forecast(forecast: Forecast, steps, lr, beta) -> jax.Array:
+    """*(ours)* The second-order forecast of Δu after ``k`` heavy-ball steps: the
+    :class:`Forecast` at ``s = η a_k``, ``q = η² b_k`` (:func:`momentum_coefficients`).
+
+    With Pg = 0 and no tail the leading term is ``½ η⁴ b_k² ‖F^{1/2}PHg‖²``; its relative error is
+    ``O(η a_k λ_max(H))``, as for the flow. ``steps`` must be concrete (they size the recursion).
+    """
+    steps = np.asarray(steps)
+    a, b = momentum_coefficients(int(steps.max()), beta)
+    return forecast.evaluate(lr * a[steps], lr**2 * b[steps])
+
+
+def ema_ages(num_steps: int, decay) -> jax.Array:
+    """*(ours)* The bias-corrected EMA of the gradients' ages: ``ā_j = Σ_{i≤j} w_{ji} (i − 1)``,
+    ``w_{ji} = (1 − b) b^{j−i} / (1 − b^j)``: Adam's weights at step j on the gradient taken at
+    θ_{i−1}, i.e. ``(i − 1)`` steps after θ*.
+
+    ``b = 0``: ``ā_j = j − 1``; ``j ≫ 1/(1 − b)``: ``ā_j ≈ j − 1 − b/(1 − b)``; ``j ≪ 1/(1 − b)``:
+    ``ā_j ≈ (j − 1)/2``. Computed by the EMA recursion (no cancellation); ``0 ≤ b < 1``.
+
+    Returns:
+      ``[K+1]`` for j = 0..K (``ā_0 = 0``); ``num_steps = K`` static.
+    """
+    decay = jnp.asarray(decay, jnp.result_type(float))
+
+    def step(m, j):
+        m = decay * m + (1.0 - decay) * (j - 1.0)
+        return m, m
+
+    j = jnp.arange(1, num_steps + 1, dtype=decay.dtype)
+    _, m = jax.lax.scan(step, jnp.zeros_like(decay), j)
+    # 1 − b^j, also for b = 0 (log 0 = −inf, expm1(−inf) = −1)
+    ages = m / -jnp.expm1(j * jnp.log(decay))
+    return jnp.concatenate([jnp.zeros_like(decay)[None], ages])
+
+
+def adam_coefficients(num_steps: int, b1, b2) -> tuple[jax.Array, jax.Array]:
+    """*(ours)* ``A1_k = Σ_{j≤k} ā_j(b1)`` and ``A2_k = Σ_{j≤k} ā_j(b2)`` (:func:`ema_ages`), the
+    η² coefficients of Adam's displacement (:func:`adam_displacement`). ``[K+1]`` each."""
+    return jnp.cumsum(ema_ages(num_steps, b1)), jnp.cumsum(ema_ages(num_steps, b2))
+
+
+def adam_directions(g: jax.Array, ft_hvp: Callable, eps) -> jax.Array:
+    """*(ours)* The three directions of Adam's second-order displacement, ``[3, n]``:
+
+    ``u = D⁻¹g`` (the first step's direction; sign(g) when ε ≪ |g|), ``v₁ = D⁻¹Hu`` (the change of
+    the first moment) and ``v₂ = |g| D⁻² Hu`` (the change of the second moment), with
+    ``D = diag(|g|) + ε``. ``ft_hvp(v) = Hv``.
+    """
+    d = jnp.abs(g) + eps
+    u = g / d
+    hu = ft_hvp(u)
+    return jnp.stack([u, hu / d, jnp.abs(g) * hu / d**2])
+
+
+def adam_step_coefficients(steps, lr, b1, b2) -> jax.Array:
+    """``[K, 3]``: the coefficients ``(−ηk, η² A1_k, −η² A2_k)`` of ``(u, v₁, v₂)`` in δ_k."""
+    steps = np.asarray(steps)
+    a1, a2 = adam_coefficients(int(steps.max()), b1, b2)
+    k = jnp.asarray(steps, a1.dtype)
+    return jnp.stack([-lr * k, lr**2 * a1[steps], -(lr**2) * a2[steps]], axis=-1)
+
+
+def adam_displacement(steps, lr, g: jax.Array, ft_hvp: Callable, b1, b2, eps) -> jax.Array:
+    """*(ours)* Adam's displacement to second order in η after ``k`` steps of ``optax.adam``:
+
+        δ_k = −η k u + η² (A1_k D⁻¹ − A2_k |g| D⁻²) H u + O(η³),   u = D⁻¹ g,  D = |g| + ε.
+
+    At step j the first moment is the weighted mean of ``g + Hδ_{i−1} ≈ g − η(i−1)Hu``, i.e.
+    ``m̂_j = g − η ā_j(b1) Hu``; the second ``v̂_j = g² − 2η ā_j(b2) g⊙Hu``, so
+    ``√v̂_j ≈ |g| − η ā_j(b2) sign(g)⊙Hu`` and ``m̂_j/(√v̂_j + ε) ≈ u − η ā_j(b1) D⁻¹Hu
+    + η ā_j(b2) |g| D⁻² Hu``. Summing the steps gives the formula. Valid while no gradient
+    coordinate changes much (:func:`adam_gradient_drift` ≪ 1). With ``b1 = b2`` and ε ≪ |g| the η²
+    term cancels (Adam then moves along sign(g) to this order).
+
+    Args: ``steps`` concrete ints ``[K]``; ``g [n]``; ``ft_hvp(v) = Hv``. Returns ``[K, n]``.
+    """
+    steps = np.asarray(steps)
+    c = adam_step_coefficients(steps, lr, b1, b2)
+    return c @ adam_directions(g, ft_hvp, eps)
+
+
+def adam_gradient_drift(steps, lr, g: jax.Array, ft_hvp: Callable, eps) -> jax.Array:
+    """``ρ_k = η k max_i |(Hu)_i| / (|g_i| + ε)``: a bound on the relative change of any gradient
+    coordinate after k steps. Adam's expansion (:func:`adam_displacement`) needs ``ρ_k ≪ 1``."""
+    d = jnp.abs(g) + eps
+    rate = jnp.max(jnp.abs(ft_hvp(g / d)) / d)
+    return lr * jnp.asarray(np.asarray(steps), d.dtype) * rate
+
+
+class AdamForecast(NamedTuple):
+    """*(ours)* Scalars at θ* that give the second-order forecast of Δu under Adam.
+
+    With ``δ_k = c₀ u + c₁ v₁ + c₂ v₂`` (:func:`adam_directions`, coefficients from
+    :func:`adam_step_coefficients`):
+
+        Δu ≈ ∇L_Aᵀδ_k + ½ δ_kᵀ H_A δ_k = Σ_i c_i lin_i + ½ Σ_ij c_i c_j gram_ij.
+
+    Attributes: ``lin [3] = ∇L_Aᵀ v_i``; ``gram [3, 3] = v_iᵀ H_A v_j``.
+
+    What replaces the AIC's quantities: orthogonality is ``‖F^{1/2}Pu‖`` (``gram[0, 0]`` is its
+    square), not ``‖Pg‖`` — a diagonal preconditioner rotates g, so Pg = 0 does not give Pu = 0 and
+    Δu grows like ``½ (ηk)² uᵀFu`` (slope 2 in k). Where Pu = 0, the coupling ``PHg`` is replaced by
+    ``P (A1_k D⁻¹ − A2_k |g| D⁻²) H D⁻¹ g``, which for ε ≪ |g| is
+    ``(A1_k − A2_k) P D⁻¹ H D⁻¹ g``: it vanishes when b1 = b2.
+    """
+
+    lin: jax.Array
+    gram: jax.Array
+
+    @classmethod
+    def from_vectors(
+        cls, grad_a: jax.Array, align_hvp: Callable, g: jax.Array, ft_hvp: Callable, eps
+    ) -> AdamForecast:
+        """From ``∇L_A``, a matvec of ``H_A``, ``g`` and a matvec of ``H`` (the FT Hessian)."""
+        v = adam_directions(g, ft_hvp, eps)
+        hv = jnp.stack([align_hvp(v[i]) for i in range(3)])
+        return cls(v @ grad_a, v @ hv.T)
+
+    def _quad(self, c):
+        lin = jnp.sum(c * jnp.broadcast_to(self.lin, c.shape), axis=-1)
+        return lin + 0.5 * jnp.einsum("...i,ij,...j->...", c, self.gram, c)
+
+    def evaluate(self, steps, lr, b1, b2) -> jax.Array:
+        """The forecast of Δu after ``steps`` (``[K]``, concrete) Adam steps."""
+        return self._quad(adam_step_coefficients(steps, lr, b1, b2))
+
+    def first_order(self, steps, lr) -> jax.Array:
+        """Its η-leading part, ``−ηk ∇L_Aᵀu + ½ (ηk)² uᵀH_A u`` (the leak through D⁻¹)."""
+        s = lr * jnp.asarray(np.asarray(steps), self.gram.dtype)
+        return -s * self.lin[0] + 0.5 * s**2 * self.gram[0, 0]
+
+    def coupling_term(self, steps, lr, b1, b2) -> jax.Array:
+        """The η⁴ part that the coupling alone gives, ``½ ‖H_A^{1/2}(c₁v₁ + c₂v₂)‖²``: the
+        leading term where Pu = 0 (Adam's analogue of ``γ_F² t⁴/8``)."""
+        c = adam_step_coefficients(steps, lr, b1, b2)
+        c = c * jnp.asarray([0.0, 1.0, 1.0], c.dtype)[None, :]
+        return 0.5 * jnp.einsum("...i,ij,...j->...", c, self.gram, c)
