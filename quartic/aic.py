@@ -149,6 +149,100 @@ def _judge(value, threshold, rule, larger_is_bad=True) -> Verdict:
     return Verdict(float(value), float(threshold), bool(ok), rule)
 
 
+_MEASURE_CACHE: dict = {}
+
+
+def _measure_fn(
+    align_loss_fn,
+    ft_loss_fn,
+    fisher_mv,
+    to_params,
+    mask_key,
+    no_align_batch,
+    no_ft_batch,
+    dense_given,
+    method,
+    rank,
+    num_iters,
+    trace_samples,
+    chunk_size,
+):
+    """One jitted program per (losses, selection, settings): params, data, F and the key are its
+    arguments, so repeated checks (other tasks, other batches of the same shapes) reuse it."""
+    cache_key = (
+        align_loss_fn,
+        ft_loss_fn,
+        fisher_mv,
+        mask_key,
+        no_align_batch,
+        no_ft_batch,
+        dense_given,
+        method,
+        rank,
+        num_iters,
+        trace_samples,
+        chunk_size,
+    )
+    if cache_key in _MEASURE_CACHE:
+        return _MEASURE_CACHE[cache_key]
+
+    def measure(theta, params, f_given, align_batch, ft_batch, key):
+        n = theta.shape[0]
+        la = lambda th: align_loss_fn(
+            *((to_params(th, params),) if no_align_batch else (to_params(th, params), align_batch))
+        )
+        lf = lambda th: ft_loss_fn(
+            *((to_params(th, params),) if no_ft_batch else (to_params(th, params), ft_batch))
+        )
+        grad_a = jax.grad(la)(theta)
+        g = jax.grad(lf)(theta)
+        h_ft = curvature.hvp_fn(lf, theta)
+        h_a = curvature.hvp_fn(la, theta)
+        hg = h_ft(g)
+        if dense_given:
+            f_mv = lambda v: f_given @ v
+        else:
+            f_mv = fisher_mv if fisher_mv is not None else h_a
+        out = {"align_loss_fn": la(theta), "ft_loss_fn": lf(theta)}
+        if method == "dense":
+            a = f_given if dense_given else curvature.dense_matrix(f_mv, n, theta.dtype, chunk_size)
+            w, v = jnp.linalg.eigh(curvature.symmetrize(a))
+            w, v = w[::-1], v[:, ::-1]
+            top, basis = w[:rank], v[:, :rank]
+            out.update(trace=jnp.sum(w), tail=jnp.sum(w[rank:]), tail_se=jnp.zeros_like(w[0]))
+            out["eigenvalues"] = w
+        else:
+            res = curvature.lanczos_eigh(f_mv, n, rank, 0, num_iters=num_iters, key=key)
+            top, basis = res.top.values, res.top.vectors
+            est = curvature.hutchinson_trace(f_mv, n, trace_samples, jax.random.fold_in(key, 1))
+            out.update(trace=est.value, tail=est.value - jnp.sum(top), tail_se=est.stderr)
+            out.update(eigenvalues=top, residuals=res.top.residuals)
+        out["lam_max_ft"] = curvature.lanczos_eigh(
+            h_ft, n, 1, 0, num_iters=min(n, 60), key=key
+        ).top.values[0]
+        coords_hg = basis.T @ hg
+        out.update(
+            top=top,
+            basis=basis,
+            grad_a=grad_a,
+            g=g,
+            gamma_f=jnp.linalg.norm(jnp.sqrt(jnp.clip(top, 0.0)) * coords_hg),
+            gamma_u=jnp.linalg.norm(coords_hg),
+            ortho=jnp.linalg.norm(basis.T @ g),
+            g_norm=jnp.linalg.norm(g),
+            g_f_g=jnp.vdot(g, f_mv(g)),
+            hg_f_hg=jnp.vdot(hg, f_mv(hg)),
+            forecast=theory.Forecast.from_vectors(grad_a, h_a, g, hg),
+        )
+        return out
+
+    fn = jax.jit(measure)
+    if len(_MEASURE_CACHE) > 64:
+        _MEASURE_CACHE.clear()
+    _MEASURE_CACHE[cache_key] = fn
+    return fn
+
+
 def check_aic(
     align_loss_fn: Callable,
     ft_loss_fn: Callable,
@@ -187,8 +281,7 @@ def check_aic(
     """
     if method not in ("dense", "lanczos"):
         raise QuarticError(f"method must be 'dense' or 'lanczos', got {method!r}")
-    la, theta, _ = pytree.flat_fn(align_loss_fn, params, align_batch, where)
-    lf, _, _ = pytree.flat_fn(ft_loss_fn, params, ft_batch, where)
+    theta, to_params, mask_key = pytree.flat_view(params, where)
     n = theta.shape[0]
     if not isinstance(rank, int) or not 1 <= rank < n:
         raise QuarticError(
@@ -196,9 +289,14 @@ def check_aic(
             f"got {rank!r}"
         )
     pytree.check_finite(theta, "params")
-    pytree.scalar_loss(la, theta, "align_loss_fn")
-    pytree.scalar_loss(lf, theta, "ft_loss_fn")
-
+    for name, fn, batch in (
+        ("align_loss_fn", align_loss_fn, align_batch),
+        ("ft_loss_fn", ft_loss_fn, ft_batch),
+    ):
+        args = (params,) if batch is None else (params, batch)
+        shape = jax.eval_shape(fn, *args).shape
+        if shape != ():
+            raise QuarticError(f"{name} must return a scalar, got shape {shape}")
     if fisher is not None and not callable(fisher):
         f_given = jnp.asarray(fisher)
         if f_given.shape != (n, n):
@@ -206,56 +304,25 @@ def check_aic(
     else:
         f_given = None
     key = jax.random.PRNGKey(0) if key is None else key
-
-    def measure(theta, f_given):
-        # one compiled program per call: everything below is array work
-        grad_a = jax.grad(la)(theta)
-        g = jax.grad(lf)(theta)
-        h_ft = curvature.hvp_fn(lf, theta)
-        h_a = curvature.hvp_fn(la, theta)
-        hg = h_ft(g)
-        if f_given is not None:
-            f_mv = lambda v: f_given @ v
-        else:
-            f_mv = fisher if callable(fisher) else h_a
-        out = {}
-        if method == "dense":
-            a = (
-                f_given
-                if f_given is not None
-                else curvature.dense_matrix(f_mv, n, theta.dtype, chunk_size)
-            )
-            w, v = jnp.linalg.eigh(curvature.symmetrize(a))
-            w, v = w[::-1], v[:, ::-1]
-            top, basis = w[:rank], v[:, :rank]
-            out.update(trace=jnp.sum(w), tail=jnp.sum(w[rank:]), tail_se=jnp.zeros_like(w[0]))
-            out["eigenvalues"] = w
-        else:
-            res = curvature.lanczos_eigh(f_mv, n, rank, 0, num_iters=num_iters, key=key)
-            top, basis = res.top.values, res.top.vectors
-            est = curvature.hutchinson_trace(f_mv, n, trace_samples, jax.random.fold_in(key, 1))
-            out.update(trace=est.value, tail=est.value - jnp.sum(top), tail_se=est.stderr)
-            out.update(eigenvalues=top, residuals=res.top.residuals)
-        out["lam_max_ft"] = curvature.lanczos_eigh(
-            h_ft, n, 1, 0, num_iters=min(n, 60), key=key
-        ).top.values[0]
-        coords_hg = basis.T @ hg
-        out.update(
-            top=top,
-            basis=basis,
-            grad_a=grad_a,
-            g=g,
-            gamma_f=jnp.linalg.norm(jnp.sqrt(jnp.clip(top, 0.0)) * coords_hg),
-            gamma_u=jnp.linalg.norm(coords_hg),
-            ortho=jnp.linalg.norm(basis.T @ g),
-            g_norm=jnp.linalg.norm(g),
-            g_f_g=jnp.vdot(g, f_mv(g)),
-            hg_f_hg=jnp.vdot(hg, f_mv(hg)),
-            forecast=theory.Forecast.from_vectors(grad_a, h_a, g, hg),
-        )
-        return out
-
-    m = jax.jit(measure)(theta, f_given)
+    measure = _measure_fn(
+        align_loss_fn,
+        ft_loss_fn,
+        fisher if callable(fisher) else None,
+        to_params,
+        mask_key,
+        align_batch is None,
+        ft_batch is None,
+        f_given is not None,
+        method,
+        rank,
+        num_iters,
+        trace_samples,
+        chunk_size,
+    )
+    m = measure(theta, params, f_given, align_batch, ft_batch, key)
+    for name in ("align_loss_fn", "ft_loss_fn"):
+        if not bool(jnp.isfinite(m[name])):
+            raise QuarticError(f"{name} is not finite at the given parameters: {float(m[name])}")
     pytree.check_finite(m["grad_a"], "the gradient of align_loss_fn")
     pytree.check_finite(m["g"], "the gradient of ft_loss_fn")
     pytree.check_finite(m["eigenvalues"], "the alignment curvature's eigenvalues")

@@ -291,6 +291,32 @@ def output_jacobian(logits_fn: Callable[[jax.Array], jax.Array], theta: jax.Arra
     return jax.jacrev(logits_fn)(theta)
 
 
+def per_example_jacobian(
+    single_logits_fn: Callable[..., jax.Array], theta: jax.Array, *examples: jax.Array
+) -> jax.Array:
+    """``J[i] = ∂ single_logits_fn(θ, *example_i) / ∂θ``, shape ``[N, C, n]``.
+
+    One reverse pass per class, vmapped over examples: ``C`` batched backward passes instead of
+    the ``n`` products a dense matrix from matvecs needs (C ≪ n for a vocabulary-sized head).
+    """
+    return jax.vmap(jax.jacrev(single_logits_fn), in_axes=(None,) + (0,) * len(examples))(
+        theta, *examples
+    )
+
+
+def fisher_from_jacobian(jac: jax.Array, logits: jax.Array) -> jax.Array:
+    """Dense true Fisher ``(1/N) Σ_i J_iᵀ (diag p_i − p_i p_iᵀ) J_i`` from ``J [N, C, n]``.
+
+    Uses ``diag p − ppᵀ = Σ_c p_c (e_c − p)(e_c − p)ᵀ``: ``F = GᵀG / N`` with rows
+    ``G_{ic} = √p_{ic} (J_{ic} − Σ_c' p_{ic'} J_{ic'})``, a single ``[N·C, n]`` product.
+    """
+    p = jax.nn.softmax(logits, axis=-1)
+    mean_j = jnp.einsum("nc,ncp->np", p, jac)
+    g = jnp.sqrt(p)[..., None] * (jac - mean_j[:, None, :])
+    g = g.reshape(-1, jac.shape[-1])
+    return g.T @ g / jac.shape[0]
+
+
 def fisher_factor(
     logits_fn: Callable[[jax.Array], jax.Array],
     theta: jax.Array,

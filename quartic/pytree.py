@@ -87,10 +87,45 @@ def flat_fn(
     return (lambda th: fn(to_params(th), batch)), theta, to_params
 
 
+def flat_view(params: PyTree, where=None):
+    """``(theta, to_params, mask_key)`` where ``to_params(theta, params)`` puts the flat selected
+    parameters back into ``params`` *given as an argument*, so a jitted function that takes
+    ``params`` and data as arguments captures no array (one compilation serves every batch).
+    ``mask_key`` is a hashable description of the selection (for compilation caches)."""
+    leaves_with_path, treedef = jax.tree_util.tree_flatten_with_path(params)
+    leaves = [leaf for _, leaf in leaves_with_path]
+    if where is None:
+        keep = [True] * len(leaves)
+    elif callable(where):
+        keep = [bool(where(path, leaf)) for path, leaf in leaves_with_path]
+    else:
+        mask_leaves, mask_def = jax.tree_util.tree_flatten(where)
+        if mask_def != treedef:
+            raise QuarticError(
+                f"parameter mask does not have the structure of params: {mask_def} vs {treedef}"
+            )
+        keep = [bool(m) for m in mask_leaves]
+    if not any(keep):
+        raise QuarticError("the parameter subset is empty: the mask selects no leaf")
+    idx = tuple(i for i, k in enumerate(keep) if k)
+    theta, unravel = ravel([leaves[i] for i in idx])
+
+    def to_params(th, full):
+        out = jax.tree_util.tree_leaves(full)
+        for i, leaf in zip(idx, unravel(th), strict=True):
+            out[i] = leaf
+        return jax.tree_util.tree_unflatten(treedef, out)
+
+    shapes = tuple((tuple(jnp.shape(x)), str(jnp.result_type(x))) for x in leaves)
+    return theta, to_params, (treedef, shapes, idx)
+
+
 def scalar_loss(loss_fn: Callable[[jax.Array], Any], theta: jax.Array, name: str) -> jax.Array:
     """Evaluate ``loss_fn(theta)`` once and check it is a finite scalar, naming ``name`` if not."""
-    value = loss_fn(theta)
-    shape = jnp.shape(value)
+    shape = jax.eval_shape(loss_fn, theta).shape
+    if shape != ():
+        raise QuarticError(f"{name} must return a scalar, got shape {shape}")
+    value = jax.jit(loss_fn)(theta)
     if shape != ():
         raise QuarticError(f"{name} must return a scalar, got shape {shape}")
     if not bool(jnp.isfinite(value)):

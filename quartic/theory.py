@@ -7,6 +7,7 @@ marked *(ours)* when derived in THEORY.md.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 from typing import NamedTuple
@@ -207,10 +208,12 @@ class TaylorOnset(NamedTuple):
 
 
 def taylor_onset(
-    align_loss_fn: Callable[[jax.Array], jax.Array],
-    ft_loss_fn: Callable[[jax.Array], jax.Array],
+    align_loss_fn: Callable[..., jax.Array],
+    ft_loss_fn: Callable[..., jax.Array],
     theta_star: jax.Array,
     order: int = 6,
+    align_args: tuple = (),
+    ft_args: tuple = (),
 ) -> TaylorOnset:
     """Exact Taylor coefficients c₁…c_K of ``u(t) = L_A(θ(t))``, ``θ̇ = −∇L_FT(θ)``, ``θ(0) = θ*``.
 
@@ -218,21 +221,31 @@ def taylor_onset(
     along them gives d^k/dt^k of θ̇, i.e. θ^{(k+1)}. A final ``jet`` of L_A gives u's derivatives.
     The first non-zero c_m is the true onset order, for any smooth model, with no assumption
     (it includes the output-curvature terms that the paper's γ omits).
+
+    ``align_loss_fn(theta, *align_args)`` and ``ft_loss_fn(theta, *ft_args)``: data passed as
+    arguments are not baked into the compiled program, which is cached per (losses, order).
     """
     if order < 1:
         raise QuarticError(f"order must be >= 1, got {order}")
     if theta_star.ndim != 1:
         raise QuarticError(f"theta_star must be flat [n], got shape {theta_star.shape}")
-    neg_grad = lambda th: -jax.grad(ft_loss_fn)(th)
-    derivs = [neg_grad(theta_star)]
-    for _ in range(order - 1):
-        _, series = jet.jet(neg_grad, (theta_star,), (derivs,))
-        derivs.append(series[-1])
-    u0, useries = jet.jet(align_loss_fn, (theta_star,), (derivs,))
-    del u0
-    fact = jnp.asarray([math.factorial(k) for k in range(1, order + 1)], theta_star.dtype)
-    coeffs = jnp.stack(useries) / fact
-    return TaylorOnset(coeffs, jnp.stack(derivs))
+    coeffs, derivs = _taylor_fn(align_loss_fn, ft_loss_fn, order)(theta_star, align_args, ft_args)
+    return TaylorOnset(coeffs, derivs)
+
+
+@functools.lru_cache(maxsize=32)
+def _taylor_fn(align_loss_fn, ft_loss_fn, order):
+    def run(theta_star, align_args, ft_args):
+        neg_grad = lambda th: -jax.grad(ft_loss_fn)(th, *ft_args)
+        derivs = [neg_grad(theta_star)]
+        for _ in range(order - 1):
+            _, series = jet.jet(neg_grad, (theta_star,), (derivs,))
+            derivs.append(series[-1])
+        _, useries = jet.jet(lambda th: align_loss_fn(th, *align_args), (theta_star,), (derivs,))
+        fact = jnp.asarray([math.factorial(k) for k in range(1, order + 1)], theta_star.dtype)
+        return jnp.stack(useries) / fact, jnp.stack(derivs)
+
+    return jax.jit(run)
 
 
 # ----------------------------------------------------------------------------------------------
