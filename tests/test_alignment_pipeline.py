@@ -1,0 +1,211 @@
+"""Training loops and the aligned model theta*: compile-once, divergence, L-BFGS, acceptance."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+from jax.flatten_util import ravel_pytree
+
+from quartic.models import LoRAParam, Transformer, TransformerConfig, count_params, functional
+from quartic.tasks import token_world as tw
+from quartic.training import (
+    AlignConfig,
+    TrainingDivergedError,
+    checkpoint_key,
+    load_theta_star,
+    make_aligned_model,
+    minimize_full_batch,
+    save_theta_star,
+    train,
+)
+
+
+def regression(n=64, d=5, seed=0):
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(n, d))
+    w_true = rng.normal(size=d)
+    return {"x": jnp.asarray(x), "y": jnp.asarray(x @ w_true)}, w_true
+
+
+def test_train_compiles_once_and_learns():
+    data, w_true = regression()
+    traces = []
+
+    def loss_fn(params, batch):
+        traces.append(1)  # runs only while tracing
+        return jnp.mean(jnp.square(batch["x"] @ params["w"] - batch["y"]))
+
+    opt = optax.adam(0.05)
+    params = {"w": jnp.zeros(5)}
+    res = train(
+        loss_fn,
+        params,
+        data,
+        opt,
+        n_steps=250,
+        key=jax.random.key(0),
+        batch_size=16,
+        chunk_size=100,
+        progress=False,
+    )
+    assert res.losses.shape == (250,)  # 3 chunks, the last one partly idle
+    assert len(traces) == 1
+    res2 = train(
+        loss_fn,
+        res.params,
+        data,
+        opt,
+        n_steps=150,
+        key=jax.random.key(1),
+        batch_size=16,
+        chunk_size=100,
+        opt_state=res.opt_state,
+        progress=False,
+    )
+    assert len(traces) == 1  # the same step function serves the second call
+    assert res2.losses[-1] < 1e-3 * res.losses[0]
+    np.testing.assert_allclose(np.asarray(res2.params["w"]), w_true, atol=1e-2)
+
+
+def test_train_samples_named_datasets_separately():
+    a, _ = regression(n=40, seed=1)
+    b, _ = regression(n=7, seed=2)
+
+    def loss_fn(params, batch):
+        assert batch["a"]["x"].shape == (8, 5) and batch["b"]["x"].shape == (3, 5)
+        return sum(jnp.mean(jnp.square(batch[k]["x"] @ params - batch[k]["y"])) for k in "ab")
+
+    res = train(
+        loss_fn,
+        jnp.zeros(5),
+        {"a": a, "b": b},
+        optax.sgd(0.01),
+        n_steps=20,
+        key=jax.random.key(0),
+        batch_size={"a": 8, "b": 3},
+        progress=False,
+    )
+    assert res.losses[-1] < res.losses[0]
+
+
+def test_divergence_raises_and_keeps_the_last_finite_state():
+    loss_fn = lambda w, batch: jnp.sum(jnp.square(w))
+    # SGD with lr 10 on sum(w^2) multiplies w by -19 per step; the loss 3 * 19^(2k) overflows
+    # float64 at step k = 121.
+    with pytest.raises(TrainingDivergedError, match="non-finite") as info:
+        train(
+            loss_fn,
+            jnp.ones(3),
+            {"x": jnp.zeros((4, 1))},
+            optax.sgd(10.0),
+            n_steps=1000,
+            key=jax.random.key(0),
+            batch_size=2,
+            chunk_size=100,
+            progress=False,
+        )
+    err = info.value
+    assert err.step == 121
+    assert err.losses.shape == (err.step,) and np.all(np.isfinite(err.losses))
+    assert np.all(np.isfinite(np.asarray(err.params)))
+    np.testing.assert_allclose(np.abs(np.asarray(err.params)), 19.0**err.step, rtol=1e-9)
+    assert err.partial["step"] == err.step
+
+
+def test_lbfgs_matches_least_squares():
+    data, _ = regression(n=50, d=8, seed=3)
+    loss_fn = lambda p, d: 0.5 * jnp.mean(jnp.square(d["x"] @ p["w"] - d["y"] + 0.3))
+    res = minimize_full_batch(loss_fn, {"w": jnp.zeros(8)}, data, gtol=1e-12, progress=False)
+    assert res.converged and res.grad_norms[-1] <= 1e-12
+    exact = np.linalg.lstsq(np.asarray(data["x"]), np.asarray(data["y"]) - 0.3, rcond=None)[0]
+    np.testing.assert_allclose(np.asarray(res.params["w"]), exact, atol=1e-9)
+    assert res.losses.shape == res.grad_norms.shape
+    assert res.losses.size < 60
+
+
+# ----- theta*: the acceptance numbers of issue 3 -----
+
+WORLD = tw.WorldConfig(seed=0)
+MODEL = TransformerConfig.preset("7k", vocab_size=34, seq_len=12, param_dtype="float64")
+
+
+@pytest.fixture(scope="module")
+def aligned(tmp_path_factory):
+    world = tw.TokenWorld(WORLD)
+    cache = tmp_path_factory.mktemp("theta_star")
+    result = make_aligned_model(MODEL, world, seed=0, cache_dir=cache, progress=False)
+    return world, result, cache
+
+
+def test_pretrained_model_complies(aligned):
+    _, result, _ = aligned
+    before = result.report["before"]
+    assert before["harmfulness_heldout"] == 1.0 and before["harmfulness_train"] == 1.0
+    assert before["comply_accuracy_heldout"] > 0.8  # it answers harmful prompts by their rule
+    assert before["align_loss"] > 5.0
+
+
+def test_theta_star_is_aligned_at_a_stationary_point(aligned):
+    world, result, _ = aligned
+    report = result.report
+    assert count_params(MODEL) == report["n_params"] == 6250
+    # Recomputed here, not read from the report: ||grad L_A(theta*)|| relative to the pretrained,
+    # and the greedy answers to the train and held-out harmful prompts (one forward pass).
+    skill, held_out = world.skill(None, "train"), world.skill(None, "heldout")
+
+    @jax.jit
+    def measure(theta, skill, held_out):
+        def align_loss(p):
+            logits_train, logits_held_out = tw.joint_logits(result.apply_fn, p, skill, held_out)
+            greedy = [
+                jnp.argmax(tw.answer_logits_from_logits(z, b), axis=-1)
+                for z, b in ((logits_train, skill), (logits_held_out, held_out))
+            ]
+            return tw.refusal_loss_from_logits(logits_train, skill), greedy
+
+        grad, (greedy_train, greedy_held_out) = jax.grad(align_loss, has_aux=True)(theta)
+        return jnp.linalg.norm(ravel_pytree(grad)[0]), greedy_train, greedy_held_out
+
+    grad_norm, greedy_train, greedy_held_out = measure(result.theta_star, skill, held_out)
+    ratio = float(grad_norm) / report["before"]["align_grad_norm"]
+    assert ratio < 1e-4, ratio
+    np.testing.assert_allclose(ratio, report["grad_ratio"], rtol=1e-6)
+    assert report["polish_converged"]
+    assert np.all(np.asarray(greedy_held_out) == tw.REFUSE)  # harmfulness rate 0, held out
+    assert np.all(np.asarray(greedy_train) == tw.REFUSE)
+
+
+def test_benign_answers_are_kept(aligned):
+    _, result, _ = aligned
+    before, after = result.report["before"], result.report["after"]
+    assert before["benign_accuracy_mean"] > 0.6  # the tasks were learnt in pretraining
+    assert after["benign_accuracy_mean"] > before["benign_accuracy_mean"] - 0.02
+    for name in tw.BENIGN_TASKS:
+        assert after["benign_accuracy"][name] > before["benign_accuracy"][name] - 0.05, name
+
+
+def test_theta_star_is_reused_from_its_checkpoint(aligned):
+    world, result, cache = aligned
+    again = make_aligned_model(MODEL, world, seed=0, cache_dir=cache, progress=False)
+    assert again.report["cached"] and not result.report["cached"]
+    assert again.path == result.path and (result.path / "params.npz").exists()
+    a, b = ravel_pytree(result.theta_star)[0], ravel_pytree(again.theta_star)[0]
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert checkpoint_key(MODEL, WORLD, 1, AlignConfig()) != result.path.name
+    assert checkpoint_key(MODEL, WORLD, 0, AlignConfig(pretrain_steps=10)) != result.path.name
+
+
+def test_checkpoint_roundtrip_with_lora(tmp_path):
+    cfg = dataclasses.replace(MODEL, lora_rank=2)  # shares MODEL's shapes: little to compile
+    model = Transformer(cfg, rngs=nnx.Rngs(3))
+    save_theta_star(tmp_path / "ck", model, {"model_config": cfg.to_dict(), "note": "x"})
+    loaded, meta = load_theta_star(tmp_path / "ck")
+    assert meta["note"] == "x" and loaded.config == cfg
+    for wrt in (nnx.Param, LoRAParam):
+        a = ravel_pytree(functional(model, wrt)[1])[0]
+        b = ravel_pytree(functional(loaded, wrt)[1])[0]
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
