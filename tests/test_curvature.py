@@ -202,3 +202,27 @@ def test_monte_carlo_and_empirical_fisher_converge_to_the_true_one():
     emp = curvature.empirical_fisher(logits, theta, y[:9])
     assert emp.shape == (15, 15)
     assert jnp.linalg.matrix_rank(emp) <= 9
+
+
+def test_hvp_matches_jax_hessian_on_a_small_flax_transformer():
+    from flax import nnx
+
+    from quartic.models import Transformer, TransformerConfig, functional
+
+    cfg = TransformerConfig(
+        vocab_size=7, seq_len=5, d_model=4, n_heads=2, n_layers=1, d_ff=8, param_dtype="float64"
+    )
+    apply_fn, params = functional(Transformer(cfg, rngs=nnx.Rngs(0)))
+    tokens = jax.random.randint(jax.random.PRNGKey(1), (3, 5), 1, 7)
+    targets = jax.random.randint(jax.random.PRNGKey(2), (3, 5), 1, 7)
+
+    def loss(p):
+        logp = jax.nn.log_softmax(apply_fn(p, tokens), -1)
+        return -jnp.mean(jnp.take_along_axis(logp, targets[..., None], -1))
+
+    f, theta, _ = pytree.flat_fn(loss, params)
+    dense = curvature.dense_hessian(f, theta, chunk_size=64)
+    oracle = jax.hessian(f)(theta)
+    assert theta.size > 100
+    rel = jnp.linalg.norm(dense - oracle) / jnp.linalg.norm(oracle)
+    assert rel < 1e-12
