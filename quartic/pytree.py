@@ -25,19 +25,8 @@ def ravel(params: PyTree) -> tuple[jax.Array, Callable[[jax.Array], PyTree]]:
     return theta, unravel
 
 
-def select(params: PyTree, where: PyTree | Callable[[tuple, Any], bool] | None):
-    """Split ``params`` into the selected leaves and a function that puts them back.
-
-    Args:
-      params: any pytree of arrays.
-      where: ``None`` (everything), a pytree of booleans with the structure of ``params`` (a
-        leaf-level mask), or a predicate ``where(path, leaf) -> bool`` on
-        ``jax.tree_util.tree_flatten_with_path`` paths (e.g. ``lambda p, _: "lora" in str(p)``).
-
-    Returns:
-      ``(sub, merge)``: ``sub`` is a list of the selected leaves, ``merge(sub) -> params`` rebuilds
-      the full pytree with the other leaves held at their current values.
-    """
+def _selection(params: PyTree, where) -> tuple[list, Any, list[bool]]:
+    """``(leaves, treedef, keep)``: which leaves of ``params`` the selection ``where`` keeps."""
     leaves_with_path, treedef = jax.tree_util.tree_flatten_with_path(params)
     leaves = [leaf for _, leaf in leaves_with_path]
     if where is None:
@@ -53,6 +42,23 @@ def select(params: PyTree, where: PyTree | Callable[[tuple, Any], bool] | None):
         keep = [bool(m) for m in mask_leaves]
     if not any(keep):
         raise QuarticError("the parameter subset is empty: the mask selects no leaf")
+    return leaves, treedef, keep
+
+
+def select(params: PyTree, where: PyTree | Callable[[tuple, Any], bool] | None):
+    """Split ``params`` into the selected leaves and a function that puts them back.
+
+    Args:
+      params: any pytree of arrays.
+      where: ``None`` (everything), a pytree of booleans with the structure of ``params`` (a
+        leaf-level mask), or a predicate ``where(path, leaf) -> bool`` on
+        ``jax.tree_util.tree_flatten_with_path`` paths (e.g. ``lambda p, _: "lora" in str(p)``).
+
+    Returns:
+      ``(sub, merge)``: ``sub`` is a list of the selected leaves, ``merge(sub) -> params`` rebuilds
+      the full pytree with the other leaves held at their current values.
+    """
+    leaves, treedef, keep = _selection(params, where)
     idx = [i for i, k in enumerate(keep) if k]
     sub = [leaves[i] for i in idx]
 
@@ -92,21 +98,7 @@ def flat_view(params: PyTree, where=None):
     parameters back into ``params`` *given as an argument*, so a jitted function that takes
     ``params`` and data as arguments captures no array (one compilation serves every batch).
     ``mask_key`` is a hashable description of the selection (for compilation caches)."""
-    leaves_with_path, treedef = jax.tree_util.tree_flatten_with_path(params)
-    leaves = [leaf for _, leaf in leaves_with_path]
-    if where is None:
-        keep = [True] * len(leaves)
-    elif callable(where):
-        keep = [bool(where(path, leaf)) for path, leaf in leaves_with_path]
-    else:
-        mask_leaves, mask_def = jax.tree_util.tree_flatten(where)
-        if mask_def != treedef:
-            raise QuarticError(
-                f"parameter mask does not have the structure of params: {mask_def} vs {treedef}"
-            )
-        keep = [bool(m) for m in mask_leaves]
-    if not any(keep):
-        raise QuarticError("the parameter subset is empty: the mask selects no leaf")
+    leaves, treedef, keep = _selection(params, where)
     idx = tuple(i for i, k in enumerate(keep) if k)
     theta, unravel = ravel([leaves[i] for i in idx])
 
