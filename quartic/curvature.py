@@ -89,7 +89,8 @@ def lanczos_tridiag(matvec: Matvec, v0: jax.Array, num_iters: int) -> Tridiagona
         raise QuarticError(f"num_iters must be in [1, n={n}], got {num_iters}")
     dtype = v0.dtype
     q0 = v0 / jnp.linalg.norm(v0)
-    basis = jnp.zeros((num_iters, n), dtype).at[0].set(q0)
+    # one spare row, so the next vector is written unconditionally (a cond would carry the basis)
+    basis = jnp.zeros((num_iters + 1, n), dtype).at[0].set(q0)
     key = jax.random.PRNGKey(17)
 
     def orthogonalize(w, basis):
@@ -104,17 +105,21 @@ def lanczos_tridiag(matvec: Matvec, v0: jax.Array, num_iters: int) -> Tridiagona
         a = jnp.vdot(q, w)
         w = orthogonalize(w, basis)
         b = jnp.linalg.norm(w)
-        fresh = orthogonalize(jax.random.normal(jax.random.fold_in(key, i), (n,), dtype), basis)
         tiny = b <= 1e3 * jnp.finfo(dtype).eps * (jnp.abs(a) + jnp.linalg.norm(q))
-        nxt = jnp.where(tiny, fresh / jnp.linalg.norm(fresh), w / jnp.where(tiny, 1.0, b))
+
+        def fresh(_):  # only on breakdown: a random direction orthogonal to the basis
+            r = orthogonalize(jax.random.normal(jax.random.fold_in(key, i), (n,), dtype), basis)
+            return r / jnp.linalg.norm(r)
+
+        nxt = lax.cond(tiny, fresh, lambda _: w / jnp.where(tiny, 1.0, b), None)
         b = jnp.where(tiny, jnp.zeros_like(b), b)
-        basis = lax.cond(i + 1 < num_iters, lambda B: B.at[i + 1].set(nxt), lambda B: B, basis)
+        basis = lax.dynamic_update_index_in_dim(basis, nxt, i + 1, 0)
         return basis, alpha.at[i].set(a), beta.at[i].set(b)
 
     alpha = jnp.zeros(num_iters, dtype)
     beta = jnp.zeros(num_iters, dtype)
     basis, alpha, beta = lax.fori_loop(0, num_iters, step, (basis, alpha, beta))
-    return Tridiagonal(basis, alpha, beta[:-1])
+    return Tridiagonal(basis[:num_iters], alpha, beta[:-1])
 
 
 def _tridiag_eigh(alpha: jax.Array, beta: jax.Array) -> tuple[jax.Array, jax.Array]:
