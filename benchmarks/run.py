@@ -1,0 +1,766 @@
+"""quartic's benchmark suite: one command, one JSON and one markdown table per device.
+
+    python benchmarks/run.py [--quick] [--only NAME[,NAME]] [--out benchmarks/results]
+
+Sections (``--only``): ``hvp`` (gradient vs HVP on the transformer), ``dense`` (dense Hessian from
+batched vs sequential HVPs, peak memory), ``lanczos`` (top-20/bottom-5 vs dense ``eigh``; top-20 at
+1M parameters), ``aic`` (``check_aic`` end to end), ``sweep`` (quartic-law trajectories per second,
+single vs vmapped), ``peers`` (PyHessian and alignment-risk in the same process; skipped with a
+message when torch is absent).
+
+Writes ``<out>/<device>.json`` (every measurement, machine info, settings) and ``<out>/<device>.md``
+(the table), where ``<device>`` is ``cpu-<cores>core`` or the accelerator's name. Each figure is the
+median of repeats after ``block_until_ready``; compile time is reported separately; ratios are
+against a baseline measured in the same process, interleaved with it. Full run on a 2-core CPU:
+about 15 minutes; ``--quick``: a few minutes (2k/10k/100k models only, fewer repeats).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import jax
+
+jax.config.update("jax_enable_x64", True)  # float64 where the state is float64; float32 stays so
+
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+import common  # noqa: E402
+from common import (  # noqa: E402
+    compile_seconds,
+    end_to_end,
+    lm_loss,
+    make_problem,
+    time_interleaved,
+    time_jit,
+)
+
+from quartic import aic, curvature, dynamics, problems, pytree  # noqa: E402
+
+SECTIONS = ("hvp", "dense", "lanczos", "lanczos_1m", "aic", "sweep", "peers")
+_cache: dict = {}
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def flat_loss(prob):
+    return pytree.flat_fn(lambda p, b: lm_loss(prob.apply_fn, p, b), prob.params, prob.batch)
+
+
+# ----------------------------------------------------------------------------------------------
+# 1. gradient vs HVP
+
+
+def bench_hvp(quick: bool) -> dict:
+    sizes = ["10k", "100k"] if quick else ["10k", "100k", "1m"]
+    rows = []
+    for size in sizes:
+        prob = make_problem(size, "float32", batch_size=16)
+        loss = lambda p, b, prob=prob: lm_loss(prob.apply_fn, p, b)
+        scale = 1.0 / np.sqrt(prob.n)
+        v = jax.tree.map(lambda x, s=scale: jnp.full_like(x, s), prob.params)
+        _, lin = jax.linearize(jax.grad(lambda p, loss=loss, b=prob.batch: loss(p, b)), prob.params)
+        t = time_interleaved(
+            {
+                "grad": (lambda p, b, loss=loss: jax.grad(loss)(p, b), (prob.params, prob.batch)),
+                "hvp": (
+                    lambda p, w, b, loss=loss: curvature.hvp(loss, p, w, b),
+                    (prob.params, v, prob.batch),
+                ),
+                "hvp_linearized": (lambda w, lin=lin: lin(w), (v,)),
+            },
+            repeats=9 if quick else 15,
+        )
+        g = t["grad"].median_s
+        rows.append(
+            {
+                "size": size,
+                "n": prob.n,
+                "dtype": "float32",
+                "batch": [16, common.SEQ],
+                "grad_s": g,
+                "hvp_s": t["hvp"].median_s,
+                "hvp_linearized_s": t["hvp_linearized"].median_s,
+                "hvp_over_grad": t["hvp"].median_s / g,
+                "hvp_linearized_over_grad": t["hvp_linearized"].median_s / g,
+                "compile_s": {k: x.compile_s for k, x in t.items()},
+                "times_s": {k: x.times_s for k, x in t.items()},
+            }
+        )
+        log(
+            f"hvp {size}: n={prob.n} grad {g * 1e3:.2f} ms, hvp/grad {rows[-1]['hvp_over_grad']:.2f}"
+        )
+    return {"rows": rows}
+
+
+# ----------------------------------------------------------------------------------------------
+# 2. dense Hessian: batched vs sequential
+
+
+def bench_dense(quick: bool) -> dict:
+    sizes = ["2k"] if quick else ["2k", "8k"]
+    rows = []
+    for size in sizes:
+        prob = make_problem(size, "float64", batch_size=16)
+        f, theta, _ = flat_loss(prob)
+        n = theta.shape[0]
+        reps = 1 if size == "8k" else 3
+        # chunk 1: the products one at a time inside one program (lax.map); >1: chunked vmap
+        by_chunk = {
+            c: time_jit(
+                lambda th, f=f, c=c: curvature.dense_hessian(f, th, c),
+                theta,
+                repeats=reps,
+                warmup=size != "8k",
+            )
+            for c in (1, 16, 64)
+        }
+        chunk = min((c for c in by_chunk if c > 1), key=lambda c: by_chunk[c].median_s)
+        batched, seq_map = by_chunk[chunk], by_chunk[1]
+        # n calls of a jitted HVP from Python: what a loop over the unit vectors costs
+        hvp1 = jax.jit(lambda th, v, f=f: curvature.hvp(f, th, v))
+        eye = np.eye(n, dtype=np.float64)
+        with compile_seconds() as c:
+            jax.block_until_ready(hvp1(theta, jnp.asarray(eye[0])))
+        cols = [jnp.asarray(eye[j]) for j in range(n)]
+        t0 = time.perf_counter()
+        out = [hvp1(theta, e) for e in cols]
+        jax.block_until_ready(out)
+        loop_s = time.perf_counter() - t0
+        h = np.asarray(by_chunk[chunk].output)
+        h_loop = np.stack([np.asarray(o) for o in out], axis=1)
+        del out, cols
+        sym = float(np.abs(h - h.T).max() / np.abs(h).max())
+        agree = float(np.abs(h - h_loop).max() / np.abs(h).max())
+        _cache[("hessian", size)] = (prob, h)
+        rows.append(
+            {
+                "size": size,
+                "n": int(n),
+                "dtype": "float64",
+                "chunk_size": chunk,
+                "by_chunk": {str(c): t.to_dict() for c, t in by_chunk.items()},
+                "batched_s": batched.median_s,
+                "batched_compile_s": batched.compile_s,
+                "batched_peak_bytes": batched.peak_bytes,
+                "sequential_map_s": seq_map.median_s,
+                "sequential_map_compile_s": seq_map.compile_s,
+                "sequential_map_peak_bytes": seq_map.peak_bytes,
+                "python_loop_s": loop_s,
+                "python_loop_compile_s": c.seconds,
+                "speedup_vs_python_loop": loop_s / batched.median_s,
+                "speedup_vs_sequential_map": seq_map.median_s / batched.median_s,
+                "sequential_map_speedup_vs_python_loop": loop_s / seq_map.median_s,
+                "symmetry_rel": sym,
+                "batched_vs_loop_rel": agree,
+            }
+        )
+        log(
+            f"dense {size}: n={n} batched {batched.median_s:.2f}s, lax.map seq "
+            f"{seq_map.median_s:.2f}s, python loop {loop_s:.2f}s"
+        )
+    return {"rows": rows}
+
+
+# ----------------------------------------------------------------------------------------------
+# 3. Lanczos vs eigh
+
+
+def bench_lanczos(quick: bool) -> dict:
+    sizes = ["2k"] if quick else ["2k", "8k"]
+    rows = []
+    for size in sizes:
+        if ("hessian", size) not in _cache:
+            prob = make_problem(size, "float64", batch_size=16)
+            f, theta, _ = flat_loss(prob)
+            _cache[("hessian", size)] = (prob, np.asarray(curvature.dense_hessian(f, theta, 64)))
+        prob, h = _cache[("hessian", size)]
+        f, theta, _ = flat_loss(prob)
+        n = theta.shape[0]
+        # the dense oracle: all eigenvalues by LAPACK (values only, the cheapest dense route)
+        t0 = time.perf_counter()
+        w = np.linalg.eigvalsh(0.5 * (h + h.T))
+        eig_s = time.perf_counter() - t0
+        top_exact, bot_exact = w[::-1][:20], w[:5]
+        for m in (150, 275):
+            lz = time_jit(
+                lambda th, f=f, n=n, m=m: curvature.lanczos_eigh(
+                    curvature.hvp_fn(f, th), n, 20, 5, num_iters=m, dtype=th.dtype
+                ),
+                theta,
+                repeats=3,
+            )
+            r = lz.output
+            top, bot = np.asarray(r.top.values), np.asarray(r.bottom.values)
+            rows.append(
+                {
+                    "size": size,
+                    "n": int(n),
+                    "dtype": "float64",
+                    "num_iters": m,
+                    "num_hvps": int(r.num_matvecs),
+                    "lanczos_s": lz.median_s,
+                    "lanczos_compile_s": lz.compile_s,
+                    "eigh_s": eig_s,
+                    "eigh_routine": "numpy.linalg.eigvalsh (LAPACK syevd, values only)",
+                    "top20_rel_err": float(np.max(np.abs(top - top_exact) / np.abs(top_exact))),
+                    "bottom5_rel_err": float(np.max(np.abs(bot - bot_exact) / np.abs(bot_exact))),
+                    "top20_max_residual": float(np.max(np.asarray(r.top.residuals))),
+                    "bottom5_max_residual": float(np.max(np.asarray(r.bottom.residuals))),
+                    "lambda_max": float(w[-1]),
+                    "lambda_min": float(w[0]),
+                }
+            )
+            log(
+                f"lanczos {size} m={m}: {lz.median_s:.2f}s (eigh {eig_s:.2f}s), "
+                f"rel err top {rows[-1]['top20_rel_err']:.1e} bottom {rows[-1]['bottom5_rel_err']:.1e}"
+            )
+    return {"rows": rows}
+
+
+def bench_lanczos_1m(quick: bool) -> dict:
+    """Top-20 by Lanczos at ~1M parameters (float32): core vs the proposed tridiagonalisation."""
+    from proposals.lanczos import patched_tridiag
+
+    size = "100k" if quick else "1m"
+    prob = make_problem(size, "float32", batch_size=16)
+    f, theta, _ = flat_loss(prob)
+    n = theta.shape[0]
+    m = 100
+
+    out = {}
+    for variant in ("core", "proposed"):
+
+        def top20(th):  # a new function per variant: jit must trace each one
+            return curvature.lanczos_eigh(
+                curvature.hvp_fn(f, th), n, 20, 0, num_iters=m, dtype=th.dtype
+            ).top
+
+        ctx = patched_tridiag() if variant == "proposed" else contextlib.nullcontext()
+        with ctx:
+            lz = time_jit(top20, theta, repeats=1, warmup=False)
+        vals, res = np.asarray(lz.output.values), np.asarray(lz.output.residuals)
+        out[variant] = {
+            "size": size,
+            "n": int(n),
+            "dtype": "float32",
+            "num_iters": m,
+            "num_hvps": m + 20,
+            "lanczos_s": lz.median_s,
+            "lanczos_compile_s": lz.compile_s,
+            "lanczos_peak_bytes": lz.peak_bytes,
+            "top20": vals.tolist(),
+            "top20_max_residual": float(res.max()),
+            "top20_max_rel_residual": float(np.max(res / np.abs(vals))),
+        }
+        log(f"lanczos {size} {variant}: n={n} {lz.median_s:.1f}s + compile {lz.compile_s:.1f}s")
+    a, b = np.asarray(out["core"]["top20"]), np.asarray(out["proposed"]["top20"])
+    out["max_rel_diff_core_vs_proposed"] = float(np.max(np.abs(a - b) / np.abs(a)))
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# 4. AIC end to end
+
+
+def bench_aic(quick: bool) -> dict:
+    cases = [
+        ("2k", "float64", "dense"),
+        ("2k", "float64", "lanczos"),
+        ("100k", "float64", "lanczos"),
+    ]
+    if not quick:
+        cases.insert(1, ("8k", "float64", "dense"))
+    rows = []
+    for size, dtype, method in cases:
+        prob = make_problem(size, dtype, batch_size=16)
+        loss = lambda p, b, prob=prob: lm_loss(prob.apply_fn, p, b)
+
+        def call(prob=prob, loss=loss, method=method):
+            rep = aic.check_aic(
+                loss,
+                loss,
+                prob.params,
+                8,
+                align_batch=prob.batch,
+                ft_batch=prob.ft_batch,
+                method=method,
+                chunk_size=64,
+            )
+            return rep.gamma_fisher
+
+        t = end_to_end(call, repeats=1 if size == "8k" else 2)
+        rows.append({"size": size, "n": prob.n, "dtype": dtype, "method": method, "rank": 8, **t})
+        log(f"aic {size} {method}: {t['wall_s']:.2f}s wall ({t['compile_s']:.2f}s compiling)")
+    return {"rows": rows}
+
+
+# ----------------------------------------------------------------------------------------------
+# 5. quartic-law sweep: trajectories per second
+
+
+def bench_sweep(quick: bool) -> dict:
+    spec = problems.QuadraticSpec()  # n=40, d=4
+    times = dynamics.log_times(1e-3, 1e-1, 32)
+    num = 32 if quick else 128
+
+    def run(key):
+        prob, basis = problems.make_quadratic(key, spec)
+        obs = dynamics.make_observer(
+            prob.align_loss_fn, prob.theta_star, basis, delta_u_fn=prob.delta_u
+        )
+        traj = dynamics.gradient_flow(prob.ft_loss_fn, prob.theta_star, times, obs, substeps=16)
+        return traj.observables["delta_u"]
+
+    keys = jax.random.split(jax.random.PRNGKey(0), num)
+    one = jax.jit(run)
+    t0 = time.perf_counter()
+    one.lower(keys[0]).compile()
+    one_compile = time.perf_counter() - t0
+    jax.block_until_ready(one(keys[0]))
+    t0 = time.perf_counter()
+    outs = [one(k) for k in keys]
+    jax.block_until_ready(outs)
+    single_s = time.perf_counter() - t0
+    batched = time_jit(jax.vmap(run), keys, repeats=3)
+    same = float(
+        np.abs(np.stack([np.asarray(o) for o in outs]) - np.asarray(jax.vmap(run)(keys))).max()
+    )
+    row = {
+        "problem": {"n": spec.n, "d": spec.d},
+        "record_times": len(times),
+        "rk4_substeps": 16,
+        "num_trajectories": num,
+        "single_s": single_s,
+        "single_compile_s": one_compile,
+        "single_traj_per_s": num / single_s,
+        "vmapped_s": batched.median_s,
+        "vmapped_compile_s": batched.compile_s,
+        "vmapped_traj_per_s": num / batched.median_s,
+        "speedup": single_s / batched.median_s,
+        "max_abs_diff": same,
+    }
+    log(
+        f"sweep: single {row['single_traj_per_s']:.0f}/s, vmapped {row['vmapped_traj_per_s']:.0f}/s"
+    )
+    return row
+
+
+# ----------------------------------------------------------------------------------------------
+# 6. peers
+
+
+def bench_peers(quick: bool) -> dict:
+    from peers import compare
+
+    avail = compare.available()
+    out: dict = {"available": avail}
+    if avail["torch"] is None:
+        msg = "torch is not installed: peers skipped (pip install -e '.[peers]')"
+        log(msg)
+        out["skipped"] = msg
+        return out
+    import torch
+
+    out["torch_threads"] = torch.get_num_threads()
+    if avail["pyhessian"] is None:
+        out["pyhessian"] = {"skipped": "pyhessian is not installed"}
+    else:
+        if ("hessian", "2k") not in _cache:
+            prob = make_problem("2k", "float64", batch_size=16)
+            f, theta, _ = flat_loss(prob)
+            _cache[("hessian", "2k")] = (prob, np.asarray(curvature.dense_hessian(f, theta, 64)))
+        prob, h = _cache[("hessian", "2k")]
+        out["pyhessian"] = compare.pyhessian_vs_lanczos(prob, lm_loss, h, quick)
+        p = out["pyhessian"]
+        log(
+            f"pyhessian: {p['pyhessian']['time_s']:.2f}s err {p['pyhessian']['err']:.1e}; "
+            f"speedup at equal accuracy {p['speedup_at_equal_accuracy']}, accuracy gain at equal "
+            f"time {p['accuracy_gain_at_equal_time']}"
+        )
+    if avail["alignment_risk"] is None:
+        out["alignment_risk"] = {"skipped": "alignment-risk is not installed"}
+    else:
+        seeds = range(3) if quick else range(8)
+        out["alignment_risk"] = [
+            compare.alignment_risk_vs_quartic(seeds, problems.QuadraticSpec(), 1e-3, thr, 2000)
+            for thr in (1e-6, 1e-9)
+        ]
+        log("alignment-risk: done")
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Table
+
+
+def _f(x, fmt="{:.3g}"):
+    return "—" if x is None else fmt.format(x)
+
+
+def _ok(flag):
+    return "n/a" if flag is None else ("**yes**" if flag else "**no**")
+
+
+def markdown(res: dict) -> str:
+    m = res["machine"]
+    lines = [
+        f"# quartic benchmarks — {m['device']}",
+        "",
+        f"`{res['command']}` · jax {m['jax']} · {m.get('cpu_model') or m['backend']} · "
+        f"commit {m.get('git_commit')} · {res['date']} · total {res['total_s']:.0f} s"
+        + (" · **quick mode**" if res["quick"] else ""),
+        "",
+        "Sections measured by: "
+        + "; ".join(
+            f"{k} (`{v['_measured']['command']}`, {v['_measured']['date']})"
+            for k, v in res["sections"].items()
+            if isinstance(v, dict) and "_measured" in v
+        )
+        + ".",
+        "",
+        "Medians of repeats after `block_until_ready`; compile time separate; ratios against a "
+        "baseline timed in the same process (interleaved where both are jitted).",
+        "",
+    ]
+    acc: list[tuple[str, str, str]] = []
+    s = res["sections"]
+    if "hvp" in s and "rows" in s["hvp"]:
+        lines += [
+            "## Gradient vs Hessian-vector product (transformer LM, float32, batch 16×16)",
+            "",
+            "| model | n | grad (ms) | HVP (ms) | HVP / grad | linearized HVP (ms) | lin. / grad | compile grad / HVP (s) |",
+            "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        ]
+        for r in s["hvp"]["rows"]:
+            lines.append(
+                f"| {r['size']} | {r['n']:,} | {r['grad_s'] * 1e3:.2f} | {r['hvp_s'] * 1e3:.2f} | "
+                f"{r['hvp_over_grad']:.2f} | {r['hvp_linearized_s'] * 1e3:.2f} | "
+                f"{r['hvp_linearized_over_grad']:.2f} | {r['compile_s']['grad']:.1f} / "
+                f"{r['compile_s']['hvp']:.1f} |"
+            )
+        worst = max(r["hvp_over_grad"] for r in s["hvp"]["rows"])
+        acc.append(("HVP ≤ 3× gradient, every size", f"worst {worst:.2f}×", _ok(worst <= 3)))
+        lines.append("")
+    if "dense" in s and "rows" in s["dense"]:
+        lines += [
+            "## Dense Hessian from HVPs (float64)",
+            "",
+            "`dense_hessian(f, θ, chunk)`: chunk 1 = the HVPs one at a time inside one program "
+            "(`lax.map`), chunk > 1 = chunked `vmap` (best of 16 and 64 shown); baseline = n calls "
+            "of a jitted one-shot HVP from Python. Peak = XLA buffer assignment.",
+            "",
+            "| model | n | chunked vmap (s) [chunk] | lax.map, chunk 1 (s) | n × jitted HVP, Python loop (s) | vmap vs loop | lax.map vs loop | peak MB vmap / lax.map | compile vmap (s) |",
+            "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        ]
+        for r in s["dense"]["rows"]:
+            pb, ps = r["batched_peak_bytes"], r["sequential_map_peak_bytes"]
+            lines.append(
+                f"| {r['size']} | {r['n']:,} | {r['batched_s']:.2f} [{r['chunk_size']}] | "
+                f"{r['sequential_map_s']:.2f} | {r['python_loop_s']:.2f} | "
+                f"{r['speedup_vs_python_loop']:.2f}× | "
+                f"{r['sequential_map_speedup_vs_python_loop']:.2f}× | "
+                f"{_f(pb and pb / 1e6, '{:.0f}')} / {_f(ps and ps / 1e6, '{:.0f}')} | "
+                f"{r['batched_compile_s']:.1f} |"
+            )
+        r2 = s["dense"]["rows"][0]
+        acc.append(
+            (
+                f"batched dense Hessian ≥ 2× faster than n sequential HVPs (n={r2['n']})",
+                f"chunked vmap {r2['speedup_vs_python_loop']:.2f}×, lax.map "
+                f"{r2['sequential_map_speedup_vs_python_loop']:.2f}× vs the Python loop",
+                _ok(
+                    max(r2["speedup_vs_python_loop"], r2["sequential_map_speedup_vs_python_loop"])
+                    >= 2
+                ),
+            )
+        )
+        lines.append("")
+    if "lanczos" in s and "rows" in s["lanczos"]:
+        lines += [
+            "## Lanczos (full reorthogonalisation) vs dense `eigh` (float64): top-20 and bottom-5",
+            "",
+            "`eigh` = `numpy.linalg.eigvalsh` of the dense Hessian (values only, LAPACK), timed once; "
+            "building the dense Hessian costs extra (previous table). Relative error = "
+            "max_i |λ_i − λ_i^eigh| / |λ_i^eigh|.",
+            "",
+            "| model | n | Krylov m | HVPs | Lanczos (s) | eigh (s) | rel. err top-20 | rel. err bottom-5 | max residual top / bottom | compile (s) |",
+            "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        ]
+        for r in s["lanczos"]["rows"]:
+            lines.append(
+                f"| {r['size']} | {r['n']:,} | {r['num_iters']} | {r['num_hvps']} | "
+                f"{r['lanczos_s']:.2f} | {r['eigh_s']:.2f} | {r['top20_rel_err']:.1e} | "
+                f"{r['bottom5_rel_err']:.1e} | {r['top20_max_residual']:.1e} / "
+                f"{r['bottom5_max_residual']:.1e} | {r['lanczos_compile_s']:.1f} |"
+            )
+        for size in sorted({r["size"] for r in s["lanczos"]["rows"]}):
+            ok_rows = [
+                r for r in s["lanczos"]["rows"] if r["size"] == size and r["num_hvps"] <= 300
+            ]
+            best = min(ok_rows, key=lambda r: max(r["top20_rel_err"], r["bottom5_rel_err"]))
+            err = max(best["top20_rel_err"], best["bottom5_rel_err"])
+            acc.append(
+                (
+                    f"Lanczos top-20 (+bottom-5) within 1e-8 of eigh, ≤ 300 HVPs (n={best['n']})",
+                    f"{err:.1e} with {best['num_hvps']} HVPs, residual ≤ "
+                    f"{max(best['top20_max_residual'], best['bottom5_max_residual']):.1e}",
+                    _ok(err <= 1e-8),
+                )
+            )
+        lines.append("")
+    big = s.get("lanczos_1m")
+    if big and "core" in big:
+        lines += [
+            f"## Lanczos top-20 at n = {big['core']['n']:,} (float32, m = "
+            f"{big['core']['num_iters']}, {big['core']['num_hvps']} HVPs incl. exact residuals)",
+            "",
+            "`core` = `curvature.lanczos_eigh` as it is; `proposed` = the same with the "
+            "tridiagonalisation of `benchmarks/proposals/lanczos.py` (no `lax.cond` on the basis, "
+            "fresh vector only on breakdown).",
+            "",
+            "| variant | time (s) | compile (s) | max residual (relative) | XLA peak MB |",
+            "| --- | ---: | ---: | ---: | ---: |",
+        ]
+        for v in ("core", "proposed"):
+            r = big[v]
+            lines.append(
+                f"| {v} | {r['lanczos_s']:.1f} | {r['lanczos_compile_s']:.1f} | "
+                f"{r['top20_max_residual']:.1e} ({r['top20_max_rel_residual']:.1e}) | "
+                f"{_f(r['lanczos_peak_bytes'] and r['lanczos_peak_bytes'] / 1e6, '{:.0f}')} |"
+            )
+        lines += [
+            "",
+            f"Top-20 of the two agree to {big['max_rel_diff_core_vs_proposed']:.1e} (relative).",
+            "",
+        ]
+        for v in ("core", "proposed"):
+            acc.append(
+                (
+                    f"top-20 at 1M params < 60 s ({v})",
+                    f"{big[v]['lanczos_s']:.1f} s",
+                    _ok(big[v]["lanczos_s"] < 60),
+                )
+            )
+    if "aic" in s and "rows" in s["aic"]:
+        lines += [
+            "## AIC check end to end (`check_aic`, rank 8, transformer)",
+            "",
+            "| model | n | dtype | method | wall (s) | of which compiling (s) | rest (s) |",
+            "| --- | ---: | --- | --- | ---: | ---: | ---: |",
+        ]
+        for r in s["aic"]["rows"]:
+            lines.append(
+                f"| {r['size']} | {r['n']:,} | {r['dtype']} | {r['method']} | {r['wall_s']:.2f} | "
+                f"{r['compile_s']:.2f} | {r['run_s']:.2f} |"
+            )
+        lines.append("")
+    if "sweep" in s and "single_s" in s["sweep"]:
+        r = s["sweep"]
+        lines += [
+            "## Quartic-law sweep: gradient-flow trajectories per second",
+            "",
+            f"Quadratic problems n = {r['problem']['n']}, d = {r['problem']['d']}, "
+            f"{r['record_times']} record times × {r['rk4_substeps']} RK4 substeps, "
+            f"{r['num_trajectories']} seeds.",
+            "",
+            "| mode | trajectories / s | compile (s) |",
+            "| --- | ---: | ---: |",
+            f"| one jitted run per seed | {r['single_traj_per_s']:.1f} | {r['single_compile_s']:.1f} |",
+            f"| `vmap` over seeds | {r['vmapped_traj_per_s']:.1f} | {r['vmapped_compile_s']:.1f} |",
+            "",
+            f"Speed-up {r['speedup']:.1f}×; max |difference| between the two {r['max_abs_diff']:.1e}.",
+            "",
+        ]
+    if "peers" in s:
+        p = s["peers"]
+        lines += ["## Peers, same process", ""]
+        if "skipped" in p:
+            lines += [p["skipped"], ""]
+        ph = p.get("pyhessian", {})
+        if "pyhessian" in ph:
+            lines += [
+                f"### PyHessian {p['available']['pyhessian']} (torch {p['available']['torch']}, "
+                f"{p.get('torch_threads')} threads) vs quartic Lanczos — top-5 Hessian eigenvalues",
+                "",
+                f"The same transformer (n = {ph['n']:,}, float64) with the same weights: torch port "
+                f"max |Δlogit| = {ph['port_max_logit_diff']:.1e}, loss {ph['loss_torch']:.12f} "
+                f"(torch) vs {ph['loss_jax']:.12f} (JAX). Error = max |Δλ| / |λ|max against dense "
+                f"`eigh`; for PyHessian the smaller of its error against the algebraic top-5 and "
+                f"against the 5 largest in magnitude (λ_min = {ph['exact_min']:.3g}).",
+                "",
+                "| method | HVPs | time (s) | rel. error | max residual |",
+                "| --- | ---: | ---: | ---: | ---: |",
+                f"| PyHessian `eigenvalues(top_n=5)` (defaults) | — | "
+                f"{ph['pyhessian']['time_s']:.3f} | {ph['pyhessian']['err']:.1e} | — |",
+            ]
+            for o in ph["quartic_lanczos"]:
+                lines.append(
+                    f"| quartic Lanczos m = {o['num_iters']} | {o['num_hvps']} | {o['time_s']:.3f} | "
+                    f"{o['err']:.1e} | {o['max_residual']:.1e} |"
+                )
+            sp, ag = ph["speedup_at_equal_accuracy"], ph["accuracy_gain_at_equal_time"]
+            lines += [""]
+            acc.append(
+                (
+                    "vs PyHessian: ≥ 5× faster at equal or better accuracy",
+                    _f(sp, "{:.1f}×"),
+                    _ok(sp is not None and sp >= 5),
+                )
+            )
+            acc.append(
+                (
+                    "vs PyHessian: ≥ 100× more accurate at equal time",
+                    _f(ag, "{:.1e}×"),
+                    _ok(ag is not None and ag >= 100),
+                )
+            )
+        ar = p.get("alignment_risk")
+        if isinstance(ar, list):
+            lines += [
+                f"### alignment-risk {p['available']['alignment_risk']} vs quartic — collapse "
+                "step on quadratic problems (gradient descent, exact simulation)",
+                "",
+                "alignment-risk gets an empirical Fisher equal to the exact rank-d F (best case). "
+                "Step error = |k_pred − k_exact| / k_exact; curve ratio = predicted Δu / exact Δu at "
+                "the exact collapse step (1 is perfect).",
+                "",
+                "| threshold | seed | exact step | alignment-risk step (err) | quartic forecast step (err) | curve ratio alignment-risk | curve ratio quartic |",
+                "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+            ]
+            for block in ar:
+                for r in block["rows"]:
+                    lines.append(
+                        f"| {block['threshold']:.0e} | {r['seed']} | {r['exact_collapse_step']} | "
+                        f"{r['alignment_risk_collapse_step']} "
+                        f"({_f(r['alignment_risk_step_rel_err'], '{:.1%}')}) | "
+                        f"{r['quartic_forecast_collapse_step']} "
+                        f"({_f(r['quartic_forecast_step_rel_err'], '{:.1%}')}) | "
+                        f"{_f(r['alignment_risk_curve_ratio'], '{:.2f}')} | "
+                        f"{_f(r['quartic_forecast_curve_ratio'], '{:.3f}')} |"
+                    )
+            for block in ar:
+                ea = [
+                    r["alignment_risk_step_rel_err"]
+                    for r in block["rows"]
+                    if r["alignment_risk_step_rel_err"] is not None
+                ]
+                eq = [
+                    r["quartic_forecast_step_rel_err"]
+                    for r in block["rows"]
+                    if r["quartic_forecast_step_rel_err"] is not None
+                ]
+                if ea and eq:
+                    acc.append(
+                        (
+                            f"vs alignment-risk: median collapse-step error, threshold "
+                            f"{block['threshold']:.0e} (lr {block['lr']:g})",
+                            f"alignment-risk {np.median(ea):.1%} · quartic {np.median(eq):.1%}",
+                            "reported",
+                        )
+                    )
+            lines.append("")
+    first = next((i for i, ln in enumerate(lines) if ln.startswith("## ")), len(lines))
+    table = ["## Acceptance", "", "| target | measured | met |", "| --- | --- | --- |"]
+    table += [f"| {a} | {b} | {c} |" for a, b, c in acc] + [""]
+    lines = lines[:first] + table + lines[first:]
+    errors = res.get("errors", {})
+    if errors:
+        lines += ["## Sections that failed", ""] + [f"- {k}: {v}" for k, v in errors.items()]
+    return "\n".join(lines) + "\n"
+
+
+def _write(res: dict, out_dir: Path, name: str, only) -> dict:
+    """Write the JSON and the table; a partial (``--only``) run merges its sections into the file
+    as it is now (so two partial runs at once keep each other's sections)."""
+    path = out_dir / f"{name}.json"
+    if only is not None and path.exists():
+        old = json.loads(path.read_text())
+        merged = old.get("sections", {})
+        merged.update({k: v for k, v in res["sections"].items() if k in only})
+        errors = {k: v for k, v in old.get("errors", {}).items() if k not in only}
+        errors.update(res["errors"])
+        res = {**res, "sections": merged, "errors": errors}
+    path.write_text(json.dumps(res, indent=1, default=float))
+    (out_dir / f"{name}.md").write_text(markdown(res))  # a killed run keeps what it measured
+    return res
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help="small sizes, fewer repeats (minutes)")
+    ap.add_argument("--only", default=None, help=f"comma-separated sections of {SECTIONS}")
+    ap.add_argument("--out", default=str(HERE / "results"), help="output folder")
+    ap.add_argument("--name", default=None, help="file name (default: the device name)")
+    args = ap.parse_args(argv)
+    only = SECTIONS if args.only is None else tuple(x.strip() for x in args.only.split(","))
+    bad = [x for x in only if x not in SECTIONS]
+    if bad:
+        ap.error(f"unknown section(s) {bad}; choose from {SECTIONS}")
+    name = args.name or common.device_name() + ("-quick" if args.quick else "")
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    res = {
+        "command": "python benchmarks/run.py"
+        + (" --quick" if args.quick else "")
+        + (f" --only {args.only}" if args.only else ""),
+        "quick": args.quick,
+        "date": time.strftime("%Y-%m-%d %H:%M"),
+        "machine": common.machine_info(),
+        "sections": {},
+        "errors": {},
+    }
+    previous = out_dir / f"{name}.json"
+    if args.only is not None and previous.exists():
+        # a partial run updates the sections it ran and keeps the others (noted per section)
+        old = json.loads(previous.read_text())
+        res["sections"] = old.get("sections", {})
+        res["errors"] = {k: v for k, v in old.get("errors", {}).items() if k not in only}
+        res["runs"] = old.get("runs", []) + [old.get("command")]
+    t_all = time.perf_counter()
+    fns = {
+        "hvp": bench_hvp,
+        "dense": bench_dense,
+        "lanczos": bench_lanczos,
+        "lanczos_1m": bench_lanczos_1m,
+        "aic": bench_aic,
+        "sweep": bench_sweep,
+        "peers": bench_peers,
+    }
+    for sec in SECTIONS:
+        if sec not in only:
+            continue
+        log(f"== {sec}")
+        t0 = time.perf_counter()
+        try:
+            res["sections"][sec] = fns[sec](args.quick)
+            res["sections"][sec]["_measured"] = {
+                "date": time.strftime("%Y-%m-%d %H:%M"),
+                "command": res["command"],
+            }
+        except Exception as e:  # keep what the other sections measured
+            traceback.print_exc()
+            res["errors"][sec] = f"{type(e).__name__}: {e}"
+        log(f"== {sec} took {time.perf_counter() - t0:.0f}s")
+        res["total_s"] = time.perf_counter() - t_all
+        _write(res, out_dir, name, only if args.only is not None else None)
+    res["total_s"] = time.perf_counter() - t_all
+    res = _write(res, out_dir, name, only if args.only is not None else None)
+    log(f"wrote {out_dir / name}.json and .md ({res['total_s']:.0f}s)")
+    return 1 if res["errors"] else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
