@@ -262,15 +262,16 @@ def _run_and_compare(diag, align_loss_fn, ft_loss_fn, params, align_batch, ft_ba
     t = diag.lr * k
     tl = t * diag.report.lambda_max_ft
     overlap = float(np.asarray(traj.observables["overlap"])[i])
-    if i == 0:
+    if tl > 0.05:
+        reason = (
+            f"t·λ_max(H) = {tl:.2g}: the run has left the region where δ ≈ −tg + (t²/2)Hg "
+            "(third-order terms of the path and of L_A matter; lr·λ_max(H) = "
+            f"{diag.lr * diag.report.lambda_max_ft:.2g})"
+        )
+    elif i == 0:
         reason = (
             "already at the first record: Δu there is at the float64 noise floor or the forecast's "
             "leading terms cancel; compare at larger steps"
-        )
-    elif tl > 0.05:
-        reason = (
-            f"t·λ_max(H) = {tl:.2g}: the flow has left the region where δ(t) ≈ −tg + (t²/2)Hg "
-            "(third-order terms of the path and of L_A matter)"
         )
     else:
         reason = (
@@ -313,3 +314,71 @@ def curvature_rank_report(eigenvalues, trace) -> dict:
 
 
 __all__ = ["Diagnosis", "curvature_rank_report", "diagnose", "plot_diagnosis"]
+
+
+def cli_main(argv: list[str]) -> int:
+    """``quartic diagnose --checkpoint DIR --task NAME --lr LR (--rank D | --explained-variance V)``.
+
+    Diagnoses one of quartic's own aligned transformers (a θ* directory written by
+    :func:`quartic.training.make_aligned_model`) against a benign task of its token world, prints
+    the report, and writes ``diagnosis.json`` and ``diagnosis.png`` into ``--out``.
+    """
+    import argparse
+    import pathlib
+
+    from quartic import collapse, runs, training
+    from quartic.tasks import token_world as tw
+
+    parser = argparse.ArgumentParser(prog="quartic diagnose", description=cli_main.__doc__)
+    parser.add_argument("--checkpoint", required=True, help="θ* directory (params.npz + meta.json)")
+    parser.add_argument(
+        "--task", required=True, help=f"one of {', '.join(tw.BENIGN_TASKS)}, harmful"
+    )
+    parser.add_argument("--category", type=int, default=0, help="harm category of the skill")
+    parser.add_argument("--loss", choices=("kl", "refusal"), default="kl")
+    parser.add_argument("--lr", type=float, required=True)
+    parser.add_argument("--horizon", type=int, default=200, help="gradient-descent steps")
+    group = parser.add_mutually_exclusive_group(required=True)
+    group.add_argument("--rank", type=int)
+    group.add_argument("--explained-variance", type=float)
+    parser.add_argument("--threshold", type=float, default=None)
+    parser.add_argument("--run", action="store_true", help="also fine-tune and compare")
+    parser.add_argument("--out", default="results/diagnose")
+    args = parser.parse_args(argv)
+
+    path = pathlib.Path(args.checkpoint)
+    if not (path / "meta.json").exists() or not (path / "params.npz").exists():
+        raise QuarticError(f"no θ* checkpoint at {path} (expected params.npz and meta.json)")
+    if args.task not in (*tw.BENIGN_TASKS, "harmful"):
+        raise QuarticError(
+            f"unknown task {args.task!r}; choose one of {', '.join(tw.BENIGN_TASKS)}, harmful"
+        )
+    jax.config.update("jax_enable_x64", True)
+    model, meta = training.load_theta_star(path)
+    world = tw.TokenWorld(tw.WorldConfig(**meta["world_config"]))
+    if not 0 <= args.category < world.config.n_categories:
+        raise QuarticError(
+            f"category must be in [0, {world.config.n_categories}), got {args.category}"
+        )
+    apply_fn, params = training.functional(model)
+    setup = collapse.CollapseSetup(apply_fn, params, world, args.category)
+    diag = diagnose(
+        setup.align_fns[args.loss],
+        setup.lm_fn,
+        setup.theta,
+        align_batch=setup.align_data[args.loss],
+        ft_batch=setup.task_batch(args.task),
+        fisher=collapse.dense_fisher(setup),
+        lr=args.lr,
+        horizon=args.horizon,
+        rank=args.rank,
+        explained_variance=args.explained_variance,
+        threshold=args.threshold,
+        run=args.run,
+    )
+    print(diag)
+    out = pathlib.Path(args.out)
+    runs.write_json_atomic(out / "diagnosis.json", diag.to_dict())
+    plot_diagnosis(diag, out / "diagnosis.png")
+    print(f"wrote {out / 'diagnosis.json'} and {out / 'diagnosis.png'}")
+    return 0
