@@ -419,3 +419,44 @@ def test_ctrl_c_midway_then_resume_via_the_script(tmp_path, capsys):
     capsys.readouterr()
     assert cli.main(["run", "_example_sweep", *args]) == 0
     _check_resumed(out, reference, log, finished)
+
+
+def test_reproduce_leaves_out_experiments_not_in_quick_reproduce(tmp_path, monkeypatch):
+    exp = tmp_path / "experiments"
+    exp.mkdir()
+    body = (
+        "import dataclasses\n"
+        "@dataclasses.dataclass(frozen=True)\n"
+        "class Config:\n"
+        "    x: int = 1\n"
+        "    @classmethod\n"
+        "    def quick(cls):\n"
+        "        return cls()\n"
+        "def run(config, out_dir):\n"
+        "    from quartic.runs import RunDir, write_json_atomic\n"
+        "    RunDir(out_dir).write_config(config)\n"
+        "    write_json_atomic(out_dir / 'summary.json', {'x': 1})\n"
+        "    return {'x': 1}\n"
+        "def plot(out_dir, fig_dir):\n"
+        "    return []\n"
+    )
+    (exp / "fast.py").write_text(body)
+    (exp / "slow.py").write_text(body + "IN_QUICK_REPRODUCE = False\n")
+    monkeypatch.setenv("QUARTIC_EXPERIMENTS_DIR", str(exp))
+    from quartic import cli as cli_module
+
+    out = tmp_path / "out"
+    assert cli_module.main(["reproduce", "--out", str(out), "--figures", str(tmp_path / "f")]) == 0
+    assert (out / "quick" / "fast" / "summary.json").exists() or (
+        out / "fast" / "summary.json"
+    ).exists()
+    assert not (out / "slow").exists() and not (out / "quick" / "slow").exists()
+    assert (
+        cli_module.main(
+            ["reproduce", "--only", "slow", "--out", str(out), "--figures", str(tmp_path / "f")]
+        )
+        == 0
+    )
+    assert (out / "quick" / "slow" / "summary.json").exists() or (
+        out / "slow" / "summary.json"
+    ).exists()
