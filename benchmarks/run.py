@@ -420,7 +420,7 @@ def markdown(res: dict) -> str:
         f"# quartic benchmarks — {m['device']}",
         "",
         f"`{res['command']}` · jax {m['jax']} · {m.get('cpu_model') or m['backend']} · "
-        f"commit {m.get('git_commit')} · {res['date']} · total {res['total_s']:.0f} s"
+        f"commit {m.get('git_commit')} · {res['date']} · last invocation {res['total_s']:.0f} s"
         + (" · **quick mode**" if res["quick"] else ""),
         "",
         "Sections measured by: "
@@ -698,13 +698,35 @@ def _write(res: dict, out_dir: Path, name: str, only) -> dict:
     return res
 
 
+def update_docs(md_path: Path, doc_path: Path = HERE.parent / "docs" / "performance.md") -> None:
+    """Copy a results table into ``docs/performance.md`` between its RESULTS markers."""
+    import re
+
+    body = md_path.read_text().split("\n", 1)[1].lstrip("\n")  # drop the file's own title
+    body = re.sub(r"^### ", "#### ", body, flags=re.M)
+    body = re.sub(r"^## ", "### ", body, flags=re.M)
+    doc = doc_path.read_text()
+    start = doc.index("\n", doc.index("<!-- BEGIN RESULTS")) + 1
+    end = doc.index("<!-- END RESULTS -->")
+    doc_path.write_text(doc[:start] + "\n" + body + "\n" + doc[end:])
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="small sizes, fewer repeats (minutes)")
     ap.add_argument("--only", default=None, help=f"comma-separated sections of {SECTIONS}")
     ap.add_argument("--out", default=str(HERE / "results"), help="output folder")
     ap.add_argument("--name", default=None, help="file name (default: the device name)")
+    ap.add_argument(
+        "--update-docs",
+        metavar="MD",
+        default=None,
+        help="only copy the results table MD into docs/performance.md, then exit",
+    )
     args = ap.parse_args(argv)
+    if args.update_docs:
+        update_docs(Path(args.update_docs))
+        return 0
     only = SECTIONS if args.only is None else tuple(x.strip() for x in args.only.split(","))
     bad = [x for x in only if x not in SECTIONS]
     if bad:
