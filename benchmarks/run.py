@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import signal
 import sys
 import time
 import traceback
@@ -698,6 +699,10 @@ def _write(res: dict, out_dir: Path, name: str, only) -> dict:
     return res
 
 
+def _timeout(signum, frame):
+    raise TimeoutError("section exceeded --section-timeout (hung?)")
+
+
 def update_docs(md_path: Path, doc_path: Path = HERE.parent / "docs" / "performance.md") -> None:
     """Copy a results table into ``docs/performance.md`` between its RESULTS markers."""
     import re
@@ -723,7 +728,14 @@ def main(argv=None) -> int:
         default=None,
         help="only copy the results table MD into docs/performance.md, then exit",
     )
+    ap.add_argument(
+        "--section-timeout",
+        type=int,
+        default=1800,
+        help="seconds before a section is abandoned as hung (reported as an error)",
+    )
     args = ap.parse_args(argv)
+    signal.signal(signal.SIGALRM, _timeout)
     if args.update_docs:
         update_docs(Path(args.update_docs))
         return 0
@@ -766,6 +778,7 @@ def main(argv=None) -> int:
             continue
         log(f"== {sec}")
         t0 = time.perf_counter()
+        signal.alarm(args.section_timeout)  # a hung section is reported, the others still run
         try:
             res["sections"][sec] = fns[sec](args.quick)
             res["sections"][sec]["_measured"] = {
@@ -775,6 +788,8 @@ def main(argv=None) -> int:
         except Exception as e:  # keep what the other sections measured
             traceback.print_exc()
             res["errors"][sec] = f"{type(e).__name__}: {e}"
+        finally:
+            signal.alarm(0)
         log(f"== {sec} took {time.perf_counter() - t0:.0f}s")
         res["total_s"] = time.perf_counter() - t_all
         _write(res, out_dir, name, only if args.only is not None else None)
