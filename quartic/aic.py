@@ -212,13 +212,17 @@ def _measure_fn(
             out.update(trace=jnp.sum(w), tail=jnp.sum(w[rank:]), tail_se=jnp.zeros_like(w[0]))
             out["eigenvalues"] = w
         else:
-            res = curvature.lanczos_eigh(f_mv, n, rank, 0, num_iters=num_iters, key=key)
+            res = curvature.lanczos_eigh(
+                f_mv, n, rank, 0, num_iters=num_iters, key=key, dtype=theta.dtype
+            )
             top, basis = res.top.values, res.top.vectors
-            est = curvature.hutchinson_trace(f_mv, n, trace_samples, jax.random.fold_in(key, 1))
+            est = curvature.hutchinson_trace(
+                f_mv, n, trace_samples, jax.random.fold_in(key, 1), theta.dtype
+            )
             out.update(trace=est.value, tail=est.value - jnp.sum(top), tail_se=est.stderr)
             out.update(eigenvalues=top, residuals=res.top.residuals)
         out["lam_max_ft"] = curvature.lanczos_eigh(
-            h_ft, n, 1, 0, num_iters=min(n, 60), key=key
+            h_ft, n, 1, 0, num_iters=min(n, 60), key=key, dtype=theta.dtype
         ).top.values[0]
         coords_hg = basis.T @ hg
         out.update(
