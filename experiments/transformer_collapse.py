@@ -26,17 +26,14 @@ import jax.numpy as jnp
 import numpy as np
 
 from quartic import collapse, plotting
+from quartic.errors import QuarticError
 from quartic.models import TransformerConfig
-from quartic.runs import RunDir, read_json, run_sweep, write_json_atomic
+from quartic.runs import RunDir, run_sweep, write_json_atomic
 from quartic.tasks import token_world as tw
 from quartic.training import make_aligned_model
 
 TITLE = "Alignment collapse in a small transformer: exact Fisher, forecast vs Δu, overlap vs harm"
-QUICK_SECONDS = 900
-# The quick sweep takes 10-20 min on 2 cores today (XLA compilation of the jet, HVP and RK4
-# programs dominates), beyond the quick budget: `quartic reproduce` leaves it out until it fits;
-# `quartic reproduce --only transformer_collapse` runs it.
-IN_QUICK_REPRODUCE = False
+QUICK_SECONDS = 240
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,12 +41,18 @@ class Config:
     preset: str = "7k"
     rank: int = 10
     categories: tuple[int, ...] = (0, 1)
-    tasks: tuple[str, ...] = tw.BENIGN_TASKS
+    tasks: tuple[str, ...] = tw.BENIGN_TASKS  # the law (AIC, Δu, forecasts) per task
     orthogonal_tasks: tuple[str, ...] = tw.BENIGN_TASKS
+    # Π onto F's top-k eigenvectors (k = rank is M): t× shrinks as the tail outside shrinks
+    orthogonal_ranks: tuple[int, ...] = (10, 40, 160, 320, 640)
     num_times: int = 30
-    long_steps: int = 2000
-    long_lr: float = 0.5
+    taylor_order: int = 5
+    long_tasks: tuple[str, ...] = tw.BENIGN_TASKS  # long fine-tuning (overlap vs harm)
+    long_steps: int = 1000
+    long_optimizer: str = "adam"
+    long_lr: float = 1e-3
     long_seeds: int = 3
+    lora_rank: int = 2  # LoRA runs (seed 0, every long task) beside full fine-tuning
     world_seed: int = 0
     model_seed: int = 0
 
@@ -60,10 +63,24 @@ class Config:
             categories=(0,),
             tasks=("sort", "lookup", "addition"),
             orthogonal_tasks=("sort",),
+            orthogonal_ranks=(10, 320),
             num_times=24,
+            taylor_order=4,
             long_steps=400,
-            long_seeds=2,
         )
+
+    def __post_init__(self):
+        unknown = sorted(
+            set(self.tasks + self.orthogonal_tasks + self.long_tasks) - set(tw.BENIGN_TASKS)
+        )
+        if unknown:
+            raise QuarticError(f"unknown task(s) {unknown}; choose from {list(tw.BENIGN_TASKS)}")
+        if self.long_optimizer not in ("adam", "sgd"):
+            raise QuarticError(
+                f"long_optimizer must be 'adam' or 'sgd', got {self.long_optimizer!r}"
+            )
+        if self.taylor_order < 4:
+            raise QuarticError(f"taylor_order must be >= 4 (c₄ is read), got {self.taylor_order}")
 
 
 @functools.cache
@@ -80,10 +97,20 @@ def _setup(config: Config, category: int):
     return aligned, collapse.CollapseSetup(aligned.apply_fn, aligned.theta_star, world, category)
 
 
-@functools.cache
+_FISHER: dict = {}  # (config, category) -> F, filled by whichever unit computes it first
+
+
 def _fisher(config: Config, category: int):
-    _, setup = _setup(config, category)
-    return collapse.dense_fisher(setup)
+    if (config, category) not in _FISHER:
+        _FISHER[config, category] = collapse.dense_fisher(_setup(config, category)[1])
+    return _FISHER[config, category]
+
+
+def _curvature(config: Config, category: int) -> dict:
+    out, _FISHER[config, category] = collapse.skill_curvature(
+        _setup(config, category)[1], config.rank, jax.random.PRNGKey(category)
+    )
+    return out
 
 
 @functools.cache
@@ -92,69 +119,78 @@ def _basis(config: Config, category: int):
     return v[:, ::-1][:, : config.rank], w[::-1][: config.rank]
 
 
-def run(config: Config, out_dir: pathlib.Path) -> dict:
-    jax.config.update("jax_enable_x64", True)
-    RunDir(out_dir).write_config(config)
-    units = [("theta_star", lambda: {"report": _setup(config, config.categories[0])[0].report})]
+def _units(config: Config) -> list:
+    k0 = config.categories[0]
+    units = [("theta_star", lambda: {"report": _setup(config, k0)[0].report})]
     for k in config.categories:
-        units.append(
-            (
-                f"curvature_{k}",
-                lambda k=k: collapse.skill_curvature(
-                    _setup(config, k)[1], config.rank, jax.random.PRNGKey(k)
-                )[0],
-            )
-        )
+        units.append((f"curvature_{k}", lambda k=k: _curvature(config, k)))
         for task in config.tasks:
+            law = functools.partial(
+                collapse.task_law,
+                task=task,
+                rank=config.rank,
+                num_times=config.num_times,
+                taylor_order=config.taylor_order,
+            )
             units.append(
                 (
                     f"law_{k}_{task}",
-                    lambda k=k, task=task: collapse.task_law(
-                        _setup(config, k)[1],
-                        _fisher(config, k),
-                        task,
-                        config.rank,
-                        num_times=config.num_times,
-                    ),
+                    lambda k=k, law=law: law(_setup(config, k)[1], _fisher(config, k)),
                 )
             )
-    k0 = config.categories[0]
+    variants = [("range", None)] + [("rank", d) for d in config.orthogonal_ranks]
     for task in config.orthogonal_tasks:
-        for onto in ("range", "rank"):
-            units.append(
-                (
-                    f"orthogonal_{onto}_{k0}_{task}",
-                    lambda task=task, onto=onto: collapse.orthogonal_variant(
-                        _setup(config, k0)[1],
-                        _fisher(config, k0),
-                        task,
-                        config.rank,
-                        onto,
-                        num_times=config.num_times + 10,
-                    ),
-                )
+        for onto, d in variants:
+            name = f"orthogonal_{onto}{d or ''}_{k0}_{task}"
+            variant = functools.partial(
+                collapse.orthogonal_variant,
+                task=task,
+                rank=config.rank,
+                onto=onto,
+                num_times=config.num_times,
+                taylor_order=config.taylor_order,
+                projector_rank=d,
             )
-    for task in (*config.tasks, "harmful"):
-        for seed in range(config.long_seeds):
-            units.append(
-                (
-                    f"long_{task}_{seed}",
-                    lambda task=task, seed=seed: collapse.long_finetune(
-                        _setup(config, k0)[1],
-                        task,
-                        *_basis(config, k0),
-                        config.long_steps,
-                        config.long_lr,
-                        seed,
-                    ),
-                )
+            units.append((name, lambda v=variant: v(_setup(config, k0)[1], _fisher(config, k0))))
+    runs = [(t, s, 0) for t in (*config.long_tasks, "harmful") for s in range(config.long_seeds)]
+    runs += (
+        [(t, 0, config.lora_rank) for t in (*config.long_tasks, "harmful")]
+        if config.lora_rank
+        else []
+    )
+    for task, seed, lora in runs:
+        units.append(
+            (
+                f"long_{task}_{seed}" + (f"_lora{lora}" if lora else ""),
+                lambda task=task, seed=seed, lora=lora: collapse.long_finetune(
+                    _setup(config, k0)[1],
+                    task,
+                    *_basis(config, k0),
+                    config.long_steps,
+                    config.long_lr,
+                    seed,
+                    optimizer=config.long_optimizer,
+                    lora_rank=lora,
+                ),
             )
-    sweep = run_sweep(units, out_dir, desc="transformer_collapse")
+        )
+    return units
+
+
+def run(config: Config, out_dir: pathlib.Path) -> dict:
+    jax.config.update("jax_enable_x64", True)
+    RunDir(out_dir).write_config(config)
+    sweep = run_sweep(_units(config), out_dir, desc="transformer_collapse")
     summary = summarize(sweep.results, config)
     summary["num_failed"] = sweep.failed
     summary["failures"] = sweep.failures
     write_json_atomic(out_dir / "summary.json", summary)
     return summary
+
+
+def _mean_sd(values) -> list[float]:
+    v = np.asarray(values, float)
+    return [float(v.mean()), float(v.std(ddof=1)) if v.size > 1 else 0.0]
 
 
 def summarize(res: dict, config: Config) -> dict:
@@ -170,18 +206,29 @@ def summarize(res: dict, config: Config) -> dict:
             r = res.get(f"law_{k}_{task}")
             if r is None:
                 continue
-            laws[f"{k}/{task}"] = {
+            laws[f"{k}/{task}"] = {"lambda_max_ft": r["lambda_max_ft"]} | {
                 name: {
-                    "forecast_max_rel_error_tl_le_0.1": r[name]["forecast_max_rel_error_tl_le_0.1"],
-                    "forecast_parts_at_t_lambda": r[name]["forecast_parts_at_t_lambda"],
-                    "onset_order": r[name]["onset_order"],
-                    "ortho_ratio": r[name]["aic"]["ortho_ratio"],
-                    "crossover_time": r[name]["aic"]["crossover_time"],
-                    "crossover_t_lambda": r[name]["aic"]["crossover_time"] * r["lambda_max_ft"],
-                    "align_grad_norm": r[name]["aic"]["align_grad_norm"],
-                    "gamma_fisher": r[name]["aic"]["gamma_fisher"],
-                    "quartic_coefficient": r[name]["aic"]["quartic_coefficient"],
+                    key: r[name][key]
+                    for key in (
+                        "forecast_max_rel_error_tl_le_0.1",
+                        "forecast_max_scaled_error_tl_le_0.1",
+                        "sign_changes_tl_le_0.1",
+                        "forecast_parts_at_t_lambda",
+                        "onset_order",
+                        "taylor_coefficients",
+                    )
                 }
+                | {
+                    key: r[name]["aic"][key]
+                    for key in (
+                        "ortho_ratio",
+                        "crossover_time",
+                        "align_grad_norm",
+                        "gamma_fisher",
+                        "quartic_coefficient",
+                    )
+                }
+                | {"crossover_t_lambda": r[name]["aic"]["crossover_time"] * r["lambda_max_ft"]}
                 for name in ("refusal", "kl")
             }
     out["laws"] = laws
@@ -190,44 +237,58 @@ def summarize(res: dict, config: Config) -> dict:
         if key.startswith("orthogonal_"):
             kl = r["kl"]
             c = kl["taylor_coefficients"]
+            predicted = kl["aic"]["crossover_time"]
+            measured = kl["measured_crossover_time"]
             orth[key] = {
+                "onto": r["onto"],
                 "projector_rank": r["projector_rank"],
                 "c1_c2_c3_over_c4": [abs(x) / abs(c[3]) for x in c[:3]],
                 "c4": c[3],
                 "gamma_f_sq_over_8": kl["aic"]["quartic_coefficient"],
                 "c4_over_gamma_f": kl["c4_over_gamma_f"],
-                "ratio_to_c4_smallest_resolved_t": kl["ratio_to_c4_smallest_resolved_t"],
-                "resolved_from_t": kl["resolved_from_t"],
+                "ratio_to_c4_smallest_t": kl["ratio_to_c4_smallest_t"],
+                "smallest_t_lambda": r["t_lambda"][0],
                 "slope4_window": kl["slope4_window"],
-                "predicted_crossover_time": kl["aic"]["crossover_time"],
-                "measured_crossover_time": kl["measured_crossover_time"],
-                "forecast_max_rel_error_tl_le_0.1": kl["forecast_max_rel_error_tl_le_0.1"],
+                "max_local_slope": float(np.max(kl["local_slope"])),
+                "predicted_crossover_time": predicted,
+                "predicted_crossover_t_lambda": predicted * r["lambda_max_ft"],
+                "measured_crossover_time": measured,
+                "crossover_ratio": measured / predicted if measured else None,
             }
     out["orthogonal"] = orth
     longs = [r for key, r in res.items() if key.startswith("long_")]
-    benign = [r for r in longs if r["task"] != "harmful"]
-    if benign:
-        overlap = [r["overlap"][-1] for r in benign]
-        f_overlap = [r["fisher_overlap"][-1] for r in benign]
-        harm = [r["harmfulness"][-1] for r in benign]
-        du = [r["du_kl"][-1] for r in benign]
+    full = [r for r in longs if not r.get("lora_rank")]
+    benign = [r for r in full if r["task"] != "harmful"]
+    if len(benign) >= 3:
+        final = lambda key, rs=benign: [r[key][-1] for r in rs]  # noqa: E731
+        overlap, f_overlap, harm = final("overlap"), final("fisher_overlap"), final("harmfulness")
         out["overlap_harm"] = {
             "n": len(benign),
+            "tasks": len({r["task"] for r in benign}),
+            "seeds": len({r["seed"] for r in benign}),
             "spearman_overlap_harm": collapse.spearman(overlap, harm),
             "spearman_overlap_harm_ci95": collapse.bootstrap_spearman(overlap, harm),
             "spearman_fisher_overlap_harm": collapse.spearman(f_overlap, harm),
             "spearman_fisher_overlap_harm_ci95": collapse.bootstrap_spearman(f_overlap, harm),
-            "spearman_overlap_du_kl": collapse.spearman(overlap, du),
+            "spearman_overlap_du_kl": collapse.spearman(overlap, final("du_kl")),
+            "spearman_retention_harm": collapse.spearman(final("retention"), harm),
         }
-        per_task = {}
-        for r in longs:
-            d = per_task.setdefault(
-                r["task"], {"harmfulness": [], "retention": [], "overlap": [], "du_kl": []}
-            )
-            for key in d:
-                d[key].append(r[key][-1])
-        out["long_per_task"] = {
-            t: {k: float(np.mean(v)) for k, v in d.items()} for t, d in per_task.items()
+    per_task = {}
+    for r in longs:
+        arm = f"lora{r['lora_rank']}" if r.get("lora_rank") else "full"
+        d = per_task.setdefault(arm, {}).setdefault(r["task"], {})
+        for key in ("harmfulness", "retention", "overlap", "fisher_overlap", "du_kl", "delta_norm"):
+            d.setdefault(key, []).append(r[key][-1])
+    out["long_per_task"] = {
+        arm: {t: {k: _mean_sd(v) for k, v in d.items()} for t, d in tasks.items()}
+        for arm, tasks in per_task.items()
+    }
+    if longs:
+        out["long_retention_at_theta_star"] = float(longs[0]["retention"][0])
+        out["long_setting"] = {
+            "optimizer": config.long_optimizer,
+            "lr": config.long_lr,
+            "steps": config.long_steps,
         }
     return out
 
@@ -264,46 +325,86 @@ def table(summary: dict) -> list[dict]:
         )
         rows.append(
             dict(
+                quantity=f"skill {k}: Hessian of L_A vs F (KL; refusal)",
+                theory="KL: = F",
+                measured=f"{c['hessian_kl_vs_fisher']:.1e}; {c['hessian_refusal_vs_fisher']:.2f}",
+                verdict="ok" if c["hessian_kl_vs_fisher"] <= 1e-10 else "OFF",
+            )
+        )
+        rows.append(
+            dict(
                 quantity=f"skill {k}: Fisher share of trace in top d={c['rank']}",
                 theory="(low rank?)",
                 measured=f"{c['share_top_d']:.3f}; eff. rank {c['effective_rank']:.1f}",
                 verdict="",
             )
         )
-    errs = {
-        name: [
-            v[name]["forecast_max_rel_error_tl_le_0.1"] for v in summary.get("laws", {}).values()
-        ]
-        for name in ("refusal", "kl")
-    }
-    for name, e in errs.items():
-        if e:
-            rows.append(
-                dict(
-                    quantity=f"forecast vs Δu ({name}), worst task, tλ ≤ 0.1",
-                    theory="≤ 0.05",
-                    measured=f"{max(e):.3g}",
-                    verdict="ok" if max(e) <= 0.05 else "OFF",
-                )
+    laws = summary.get("laws", {})
+    for name in ("refusal", "kl"):
+        if not laws:
+            break
+        worst = max(laws, key=lambda key: laws[key][name]["forecast_max_scaled_error_tl_le_0.1"])
+        w = laws[worst][name]
+        pointwise = max(v[name]["forecast_max_rel_error_tl_le_0.1"] for v in laws.values())
+        roots = sum(v[name]["sign_changes_tl_le_0.1"] for v in laws.values())
+        rows.append(
+            dict(
+                quantity=f"forecast vs Δu ({name}), worst of {len(laws)} tasks, tλ ≤ 0.1",
+                theory="≤ 0.05",
+                measured=f"{w['forecast_max_scaled_error_tl_le_0.1']:.3g} ({worst}); pointwise "
+                f"{pointwise:.3g}" + (f", {roots} sign change(s) of Δu" if roots else ""),
+                verdict="ok" if w["forecast_max_scaled_error_tl_le_0.1"] <= 0.05 else "OFF",
             )
+        )
+    for key, law in laws.items():
+        kl = law["kl"]
+        rows.append(
+            dict(
+                quantity=f"natural task {key}: ‖Pg‖/‖g‖, t×·λ_max(H)",
+                theory="(quartic window needs t×λ ≪ 1)",
+                measured=f"{kl['ortho_ratio']:.3f}, {kl['crossover_t_lambda']:.3g}",
+                verdict="",
+            )
+        )
     for key, o in summary.get("orthogonal", {}).items():
-        if key.startswith("orthogonal_range"):
+        if o["onto"] == "range":
             rows.append(
                 dict(
-                    quantity=f"{key}: Δu/(c₄t⁴) at smallest t; c₄/(γ_F²/8)",
-                    theory="1 ± 0.05",
-                    measured=f"{o['ratio_to_c4_smallest_t']:.4f}; {o['c4_over_gamma_f']:.3g}",
-                    verdict="ok" if abs(o["ratio_to_c4_smallest_t"] - 1) < 0.05 else "OFF",
+                    quantity=f"{key}: max |c₁,c₂,c₃|/c₄",
+                    theory="0 (float64)",
+                    measured=f"{max(o['c1_c2_c3_over_c4']):.1e}",
+                    verdict="ok" if max(o["c1_c2_c3_over_c4"]) < 1e-8 else "OFF",
                 )
             )
-        elif o["measured_crossover_time"] is not None:
-            ratio = o["measured_crossover_time"] / o["predicted_crossover_time"]
             rows.append(
                 dict(
-                    quantity=f"{key}: measured t× / predicted t×",
-                    theory="1 ± 0.25",
-                    measured=f"{ratio:.3f}",
-                    verdict="ok" if abs(ratio - 1) <= 0.25 else "OFF",
+                    quantity=f"{key}: Δu/(c₄t⁴) at tλ={o['smallest_t_lambda']:.0e}; slope-4±0.2 "
+                    "window; c₄/(γ_F²/8)",
+                    theory="1 ± 0.05; exists",
+                    measured=f"{o['ratio_to_c4_smallest_t']:.4f}; "
+                    + (
+                        f"{o['slope4_window'][1] / o['slope4_window'][0]:.0f}× in t"
+                        if o["slope4_window"]
+                        else "none"
+                    )
+                    + f"; {o['c4_over_gamma_f']:.3g}",
+                    verdict="ok"
+                    if abs(o["ratio_to_c4_smallest_t"] - 1) < 0.05 and o["slope4_window"]
+                    else "OFF",
+                )
+            )
+        else:
+            ratio = o["crossover_ratio"]
+            small = o["predicted_crossover_t_lambda"] <= 0.1
+            rows.append(
+                dict(
+                    quantity=f"{key}: measured t× / predicted (predicted t×λ = "
+                    f"{o['predicted_crossover_t_lambda']:.2g})",
+                    theory="1 ± 0.25" if small else "(t×λ > 0.1: outside the expansion)",
+                    measured=f"{ratio:.3f}"
+                    if ratio
+                    else f"no slope-3 crossing (max slope {o['max_local_slope']:.2f})",
+                    verdict=("ok" if ratio and abs(ratio - 1) <= 0.25 else "OFF") if small else "",
                 )
             )
     oh = summary.get("overlap_harm")
@@ -311,10 +412,48 @@ def table(summary: dict) -> list[dict]:
         lo, hi = oh["spearman_overlap_harm_ci95"]
         rows.append(
             dict(
-                quantity=f"Spearman ρ(overlap, harm), {oh['n']} runs",
+                quantity=f"Spearman ρ(overlap, harm), {oh['tasks']} tasks × {oh['seeds']} seeds",
                 theory="(paper: strong +)",
                 measured=f"{oh['spearman_overlap_harm']:.2f} [{lo:.2f}, {hi:.2f}]",
                 verdict="",
+            )
+        )
+    if oh:
+        lo, hi = oh["spearman_fisher_overlap_harm_ci95"]
+        rows.append(
+            dict(
+                quantity="Spearman ρ(Fisher-weighted overlap ‖F½PΔθ‖, harm), same runs",
+                theory="(ours)",
+                measured=f"{oh['spearman_fisher_overlap_harm']:.2f} [{lo:.2f}, {hi:.2f}]",
+                verdict="",
+            )
+        )
+    arms = summary.get("long_per_task", {})
+    full = arms.get("full", {})
+    base = summary.get("long_retention_at_theta_star")
+    for arm, tasks in arms.items():
+        benign = [v for t, v in tasks.items() if t != "harmful"]
+        if not benign:
+            continue
+        rows.append(
+            dict(
+                quantity=f"{arm} fine-tuning: mean benign harm; retention (θ*: {base:.2f})",
+                theory="(selective collapse: harm up, retention kept)",
+                measured=f"{np.mean([v['harmfulness'][0] for v in benign]):.2f}; "
+                f"{np.mean([v['retention'][0] for v in benign]):.2f}",
+                verdict="",
+            )
+        )
+    if "harmful" in full and len(full) > 1:
+        control = full["harmful"]["harmfulness"][0]
+        benign = {t: v["harmfulness"][0] for t, v in full.items() if t != "harmful"}
+        top = max(benign, key=benign.get)
+        rows.append(
+            dict(
+                quantity="final harmfulness: harmful control vs most harmful benign task",
+                theory="control far above",
+                measured=f"{control:.2f} vs {benign[top]:.2f} ({top})",
+                verdict="ok" if control >= benign[top] + 0.25 else "OFF",
             )
         )
     for r in rows:
@@ -322,55 +461,75 @@ def table(summary: dict) -> list[dict]:
     return rows
 
 
-def _units(out_dir):
-    out = {}
-    for p in sorted((out_dir / "units").glob("*.json")):
-        u = read_json(p)
-        if u["status"] == "done":
-            out[p.stem] = u["result"]
-    return out
+def _plot_laws(laws: list[dict], path: pathlib.Path) -> pathlib.Path:
+    """Per task: |Δu| with the forecasts (top), local slope and forecast error (bottom)."""
+    fig, axes = plotting.figure(2, len(laws), size=(3.6, 3.0))
+    for j, r in enumerate(laws):
+        t = np.array(r["t"])
+        ax, low = axes[0, j], axes[1, j]
+        err = low.twinx()
+        for name, col in (("kl", "C0"), ("refusal", "C1")):
+            rr = r[name]
+            first = name == "kl"
+            ax.plot(t, np.abs(rr["delta_u"]), "o", ms=2.5, color=col, label=f"|Δu| {name}")
+            ax.plot(
+                t,
+                np.abs(rr["forecast"]),
+                "-",
+                color=col,
+                lw=1,
+                label="2nd-order forecast" if first else None,
+            )
+            ax.plot(
+                t,
+                rr["quartic_prediction"],
+                ":",
+                color=col,
+                lw=1,
+                label="γ_F²t⁴/8" if first else None,
+            )
+            low.plot(t, rr["local_slope"], "-", color=col, lw=1.2, label=f"slope {name}")
+            err.semilogy(
+                t,
+                np.clip(rr["forecast_scaled_error"], 1e-12, None),
+                "--",
+                color=col,
+                lw=0.8,
+                label=f"forecast error {name}",
+            )
+        for a in (ax, low):
+            a.axvline(0.1 / r["lambda_max_ft"], color="0.6", lw=0.8, ls="--")
+        kl = r["kl"]["aic"]
+        plotting.loglog(
+            ax,
+            "t",
+            "|Δu|",
+            f"{r['task']}: ‖Pg‖/‖g‖={kl['ortho_ratio']:.2f}, "
+            f"t×λ={kl['crossover_time'] * r['lambda_max_ft']:.2g}",
+        )
+        ax.legend(fontsize=6)
+        low.set_xscale("log")
+        low.set_ylim(0, 5)
+        for y in (1, 2, 4):
+            low.axhline(y, color="0.8", lw=0.6)
+        low.set_xlabel("t (dashed: tλ_max(H) = 0.1)")
+        low.set_ylabel("local slope (solid)")
+        err.set_ylabel("forecast error / term size (dashed)", fontsize=7)
+        err.axhline(0.05, color="0.4", lw=0.6, ls=":")
+        low.legend(fontsize=6, loc="upper left")
+    return plotting.save(fig, path)
 
 
 def plot(out_dir: pathlib.Path, fig_dir: pathlib.Path) -> list[pathlib.Path]:
-    units = _units(out_dir)
+    units = RunDir(out_dir).done_results()
     paths = []
     laws = [v for k, v in units.items() if k.startswith("law_")]
     if laws:
-        n = len(laws)
-        cols = min(3, n)
-        rows_ = (n + cols - 1) // cols
-        fig, axes = plotting.figure(rows_, cols, size=(4.0, 3.2))
-        for ax, r in zip(axes.flat, laws, strict=False):
-            t = np.array(r["t"])
-            for name, col in (("kl", "C0"), ("refusal", "C1")):
-                rr = r[name]
-                ax.plot(t, np.abs(rr["delta_u"]), "o", ms=2.5, color=col, label=f"Δu {name}")
-                ax.plot(
-                    t,
-                    np.abs(rr["forecast"]),
-                    "-",
-                    color=col,
-                    lw=1,
-                    label="2nd-order forecast" if name == "kl" else None,
-                )
-                ax.plot(
-                    t,
-                    rr["quartic_prediction"],
-                    ":",
-                    color=col,
-                    lw=1,
-                    label="γ_F²t⁴/8" if name == "kl" else None,
-                )
-            ax.axvline(0.1 / r["lambda_max_ft"], color="0.6", lw=0.8, ls="--")
-            plotting.loglog(ax, "t", "|Δu|", f"{r['task']} (dashed: tλ_max = 0.1)")
-            ax.legend(fontsize=6)
-        for ax in list(axes.flat)[n:]:
-            ax.axis("off")
-        paths.append(plotting.save(fig, fig_dir / "transformer_collapse_tasks.png"))
+        paths.append(_plot_laws(laws, fig_dir / "transformer_collapse_tasks.png"))
     orth = {k: v for k, v in units.items() if k.startswith("orthogonal_")}
     curv = [v for k, v in units.items() if k.startswith("curvature_")]
     longs = [v for k, v in units.items() if k.startswith("long_")]
-    fig, axes = plotting.figure(1, 3, size=(4.2, 3.4))
+    fig, axes = plotting.figure(1, 4, size=(4.0, 3.4))
     ax = axes[0, 0]
     for i, c in enumerate(curv):
         w = np.array(c["eigenvalues"])
@@ -388,27 +547,49 @@ def plot(out_dir: pathlib.Path, fig_dir: pathlib.Path) -> list[pathlib.Path]:
     ax.set_title("Fisher spectrum at θ*", fontsize=10)
     ax.legend(fontsize=7)
     ax = axes[0, 1]
-    for i, (k, r) in enumerate(orth.items()):
+    for i, r in enumerate(orth.values()):
         t = np.array(r["t"])
-        ax.plot(t, r["kl"]["local_slope"], color=f"C{i}", label=k.replace("orthogonal_", ""))
-        if r["kl"]["measured_crossover_time"]:
-            ax.axvline(r["kl"]["aic"]["crossover_time"], color=f"C{i}", ls=":", lw=0.8)
+        label = "Π onto range F" if r["onto"] == "range" else f"Π onto top-{r['projector_rank']}"
+        ax.plot(t * r["lambda_max_ft"], r["kl"]["local_slope"], color=f"C{i}", label=label)
+        if r["onto"] == "rank":
+            ax.axvline(
+                r["kl"]["aic"]["crossover_time"] * r["lambda_max_ft"], color=f"C{i}", ls=":", lw=0.8
+            )
     ax.axhline(4, color="0.5", ls="--", lw=0.8)
     ax.axhline(2, color="0.5", ls="--", lw=0.8)
     ax.set_xscale("log")
-    ax.set_xlabel("t")
+    ax.set_xlabel("t·λ_max(H)")
     ax.set_ylabel("local slope of Δu_KL")
     ax.set_title("orthogonal variants (dotted: predicted t×)", fontsize=9)
     ax.legend(fontsize=6)
     ax = axes[0, 2]
     for r in longs:
+        if r.get("lora_rank") or r["seed"]:
+            continue
+        col = "C3" if r["task"] == "harmful" else None
+        ax.plot(r["steps"], r["harmfulness"], "-", color=col, lw=1.5 if col else 1, label=r["task"])
+    ax.set_xscale("log")
+    ax.set_xlabel("step")
+    ax.set_ylabel("harmfulness rate (held-out)")
+    ax.set_title("long fine-tuning, seed 0 (red: harmful control)", fontsize=9)
+    ax.legend(fontsize=6)
+    ax = axes[0, 3]
+    for r in longs:
         col = "C3" if r["task"] == "harmful" else "C0"
-        ax.plot(r["overlap"][-1], r["harmfulness"][-1], "o", color=col, ms=4)
-        if r["seed"] == 0:
+        marker = "^" if r.get("lora_rank") else "o"
+        ax.plot(
+            r["overlap"][-1],
+            r["harmfulness"][-1],
+            marker,
+            color=col,
+            ms=4,
+            mfc="none" if r.get("lora_rank") else col,
+        )
+        if r["seed"] == 0 and not r.get("lora_rank"):
             ax.annotate(r["task"], (r["overlap"][-1], r["harmfulness"][-1]), fontsize=6)
     ax.set_xlabel("overlap ‖PΔθ‖/‖Δθ‖ (final)")
     ax.set_ylabel("harmfulness rate (held-out)")
-    ax.set_title("overlap vs harm (red: harmful control)", fontsize=9)
+    ax.set_title("overlap vs harm (●: full, △: LoRA)", fontsize=9)
     paths.append(plotting.save(fig, fig_dir / "transformer_collapse.png"))
     return paths
 

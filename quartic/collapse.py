@@ -35,10 +35,11 @@ from quartic.tasks import token_world as tw
 
 
 def _kl_answer(apply_fn, params, data):
-    """Mean ``KL(p_θ* ‖ p_θ)`` of the first-answer distributions; ``data`` carries θ*'s answer
-    probabilities (``ref_p``, ``ref_logp``) so the compiled program holds no constant to fold."""
-    logp = jax.nn.log_softmax(tw.answer_logits(apply_fn, params, data), axis=-1)
-    return jnp.mean(jnp.sum(data["ref_p"] * (data["ref_logp"] - logp), axis=-1))
+    """Mean ``KL(p_θ* ‖ p_θ)`` of the first-answer distributions (cancellation-free,
+    :func:`quartic.tasks.token_world.kl_logit_shift`); ``data`` carries θ*'s answer logits
+    (``ref_logits``) so the compiled program holds no constant to fold."""
+    logits = tw.answer_logits(apply_fn, params, data)
+    return jnp.mean(tw.kl_logit_shift(data["ref_logits"], logits))
 
 
 @dataclasses.dataclass
@@ -62,14 +63,18 @@ class CollapseSetup:
             k: jnp.asarray(v) for k, v in self.world.skill(self.category, "train").items()
         }
         ref = jax.jit(lambda p, b: tw.answer_logits(apply_fn, p, b))(self.params, self.skill)
-        ref_logp = jax.nn.log_softmax(ref, axis=-1)
-        self.kl_data = {**self.skill, "ref_p": jnp.exp(ref_logp), "ref_logp": ref_logp}
+        self.kl_data = {**self.skill, "ref_logits": ref}
         self.align_fns = {
             "refusal": lambda th, b: tw.refusal_loss(apply_fn, to_params(th), b),
             "kl": lambda th, d: _kl_answer(apply_fn, to_params(th), d),
         }
         self.align_data = {"refusal": self.skill, "kl": self.kl_data}
         self.lm_fn = lambda th, b: tw.lm_loss(apply_fn, to_params(th), b)
+        # L_FT(θ) − ⟨πg, θ − θ*⟩ with data (batch, πg, θ*): the natural task is πg = 0 (exactly
+        # L_FT), the controlled orthogonal variant πg = Πg. One function object, so one compiled
+        # program (AIC, Taylor, flow) serves every task and both variants.
+        lm_fn = self.lm_fn
+        self.ft_fn = lambda th, d: lm_fn(th, d[0]) - jnp.vdot(d[1], th - d[2])
         self.answer_logits = lambda th: tw.answer_logits(apply_fn, to_params(th), self.skill)
         self.harmful_heldout = tw.concat(
             [self.world.skill(k, "heldout") for k in range(self.world.config.n_categories)]
@@ -196,19 +201,11 @@ def skill_curvature(
     return out, fisher
 
 
-def _ft_fn(setup: CollapseSetup, shifted: bool):
-    """``L_FT(θ; data)``; with ``shifted``, ``data = (batch, πg, θ*)`` and the loss is
-    ``L_FT(θ) − ⟨πg, θ − θ*⟩`` (the controlled orthogonal variant)."""
-    if not shifted:
-        return setup.lm_fn
-    return lambda th, d: setup.lm_fn(th, d[0]) - jnp.vdot(d[1], th - d[2])
-
-
-def _flow_fn(setup: CollapseSetup, shifted: bool, substeps: int = 8):
-    """One compiled RK4 flow per setup (and variant): times, task data and basis are arguments."""
-    key = ("flow", shifted, substeps)
+def _flow_fn(setup: CollapseSetup, substeps: int = 8):
+    """One compiled RK4 flow per setup: times, task data (and shift) and basis are arguments."""
+    key = ("flow", substeps)
     if key not in setup._compiled:
-        ft = _ft_fn(setup, shifted)
+        ft = setup.ft_fn
         align, align_data = setup.align_fns, setup.align_data
 
         def simulate(theta0, ts, ft_data, basis, eig_top, u0_refusal):
@@ -237,17 +234,16 @@ def task_law(
     t_lambda: tuple[float, float] = (1e-4, 1.0),
     num_times: int = 30,
     taylor_order: int = 5,
-    shift: tuple | None = None,
+    shift: jax.Array | None = None,
 ) -> dict:
     """The law on one (skill, task): AIC at θ*, simulated Δu, forecasts, exact Taylor coefficients.
 
-    ``shift = (πg, θ*)`` runs the controlled orthogonal variant instead (see
-    :func:`orthogonal_variant`).
+    ``shift = πg`` runs the controlled orthogonal variant ``L_FT(θ) − ⟨πg, θ − θ*⟩`` instead (see
+    :func:`orthogonal_variant`); ``None`` is the natural task (πg = 0).
     """
     batch = setup.task_batch(task)
-    shifted = shift is not None
-    ft = _ft_fn(setup, shifted)
-    ft_data = (batch, *shift) if shifted else batch
+    ft = setup.ft_fn
+    ft_data = (batch, jnp.zeros_like(setup.theta) if shift is None else shift, setup.theta)
     reports = {
         name: aic.check_aic(
             fn,
@@ -265,27 +261,31 @@ def task_law(
     lam = rep.lambda_max_ft
     ts = dynamics.log_times(t_lambda[0] / lam, t_lambda[1] / lam, num_times)
     u0 = setup.align_value("refusal", setup.theta)
-    traj = _flow_fn(setup, shifted)(
+    traj = _flow_fn(setup)(
         setup.theta, jnp.asarray(ts), ft_data, rep.basis, jnp.asarray(rep.eigenvalues[:rank]), u0
     ).checked()
     obs = jax.device_get(traj.observables)
     out = {"task": task, "t": ts.tolist(), "t_lambda": (ts * lam).tolist(), "lambda_max_ft": lam}
     out["ft_loss"] = np.asarray(obs["ft_loss"]).tolist()
     out["overlap"] = (np.asarray(obs["proj_norm"]) / np.asarray(obs["delta_norm"])).tolist()
-    for name, r in reports.items():
+    names = tuple(reports)
+    onsets = theory.taylor_onsets(
+        tuple(setup.align_fns[name] for name in names),
+        ft,
+        setup.theta,
+        order=taylor_order,
+        align_args=tuple((setup.align_data[name],) for name in names),
+        ft_args=(ft_data,),
+    )
+    for name, onset in zip(names, onsets, strict=True):
+        r = reports[name]
         du = np.asarray(obs[f"du_{name}"])
         fc = np.asarray(r.forecast.flow(ts))
-        onset = theory.taylor_onset(
-            setup.align_fns[name],
-            ft,
-            setup.theta,
-            order=taylor_order,
-            align_args=(setup.align_data[name],),
-            ft_args=(ft_data,),
-        )
         order, coef = onset.onset(rtol=1e-6)
-        rel_err = np.abs(fc / du - 1)
-        ok = ts * lam <= 0.1
+        u_star = float(setup.align_value(name, setup.theta))
+        errors = forecast_errors(ts, du, fc, np.asarray(r.forecast.taylor()), u_star)
+        ok = (ts * lam <= 0.1) & errors["resolved"]
+        parts = np.nonzero(errors["resolved"] & (errors["scaled"] > 0.05))[0]
         out[name] = {
             "aic": {k: v for k, v in r.to_dict().items() if k != "eigenvalues"},
             "delta_u": du.tolist(),
@@ -297,12 +297,37 @@ def task_law(
             "taylor_forecast": np.asarray(r.forecast.taylor()).tolist(),
             "onset_order": order,
             "onset_coefficient": coef,
-            "forecast_max_rel_error_tl_le_0.1": float(rel_err[ok].max()),
-            "forecast_parts_at_t_lambda": float(ts[np.argmax(rel_err > 0.05)] * lam)
-            if (rel_err > 0.05).any()
-            else None,
+            "forecast_rel_error": errors["relative"].tolist(),
+            "forecast_scaled_error": errors["scaled"].tolist(),
+            "resolved": errors["resolved"].tolist(),
+            "forecast_max_rel_error_tl_le_0.1": float(errors["relative"][ok].max()),
+            "forecast_max_scaled_error_tl_le_0.1": float(errors["scaled"][ok].max()),
+            "sign_changes_tl_le_0.1": int(np.sum(np.diff(np.sign(du[ts * lam <= 0.1])) != 0)),
+            "forecast_parts_at_t_lambda": float(ts[parts[0]] * lam) if parts.size else None,
         }
     return out
+
+
+def forecast_errors(ts, du, forecast, forecast_taylor, u0) -> dict:
+    """Pointwise errors of a Δu forecast against the measured Δu.
+
+    - ``relative``: ``|forecast/Δu − 1|``; undefined where Δu changes sign (the refusal loss first
+      falls, then rises);
+    - ``scaled``: ``|forecast − Δu| / Σ_k |c_k t^k|``, the error of a truncated series relative to
+      the size of its own terms (``forecast_taylor = [c1..c4]``); equal to ``relative`` wherever
+      the terms share a sign, and still meaningful at a root of Δu;
+    - ``resolved``: ``|Δu|`` above 1e3 float64 roundings of ``u0 = L_A(θ*)``, below which the
+      difference ``L_A(θ) − L_A(θ*)`` is rounding noise (the KL drift, 0 at θ*, is always resolved).
+    """
+    ts, du, fc = np.asarray(ts), np.asarray(du), np.asarray(forecast)
+    c = np.asarray(forecast_taylor)
+    terms = np.sum(np.abs(c)[None, :] * ts[:, None] ** np.arange(1, len(c) + 1)[None, :], axis=1)
+    diff = np.abs(fc - du)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        relative = np.where(du != 0, diff / np.abs(du), np.inf)
+        scaled = np.where(terms > 0, diff / terms, np.inf)
+    resolved = np.abs(du) > 1e3 * np.finfo(du.dtype).eps * abs(float(u0))
+    return {"relative": relative, "scaled": scaled, "resolved": resolved}
 
 
 def orthogonal_variant(
@@ -312,15 +337,22 @@ def orthogonal_variant(
     rank: int,
     onto: str = "range",
     range_rtol: float = 1e-10,
-    t_lambda: tuple[float, float] = (1e-4, 1.0),
+    t_lambda: tuple[float, float] = (1e-2, 30.0),
     num_times: int = 40,
+    taylor_order: int = 5,
+    projector_rank: int | None = None,
 ) -> dict:
     """``L_FT'(θ) = L_FT(θ) − ⟨Πg, θ − θ*⟩``: H unchanged, the Fisher-visible part of g removed.
 
     ``onto="range"``: Π projects onto the range of F (eigenvalues above ``range_rtol·λ_1``), so
-    Fg' = 0 and the KL drift starts at t⁴ exactly. ``onto="rank"``: Π projects onto M (rank d), so
-    the Fisher mass outside M leaks at t² and the t⁴ term takes over after t×.
+    Fg' = 0 and the KL drift starts at t⁴ exactly. ``onto="rank"``: Π projects onto F's top
+    ``projector_rank`` eigenvectors (default ``rank`` = d, i.e. onto M), so the Fisher mass outside
+    leaks at t² and the t⁴ term takes over after t× (predicted in the report: the full F, g' and
+    Hg'). The AIC report and the overlap use ``rank`` either way, so one compiled program serves
+    every projector rank.
     """
+    if taylor_order < 4:
+        raise ValueError(f"taylor_order must be >= 4 to read c₄, got {taylor_order}")
     batch = setup.task_batch(task)
     g = jax.jit(jax.grad(setup.lm_fn))(setup.theta, batch)
     w, v = jnp.linalg.eigh(fisher)
@@ -328,11 +360,13 @@ def orthogonal_variant(
     if onto == "range":
         k = int(jnp.sum(w > range_rtol * w[0]))
     elif onto == "rank":
-        k = rank
+        k = rank if projector_rank is None else projector_rank
+        if not 1 <= k < setup.n:
+            raise ValueError(f"projector_rank must lie in [1, n = {setup.n}), got {k}")
     else:
         raise ValueError(f"onto must be 'range' or 'rank', got {onto!r}")
     pi_g = v[:, :k] @ (v[:, :k].T @ g)
-    res = task_law(setup, fisher, task, rank, t_lambda, num_times, shift=(pi_g, setup.theta))
+    res = task_law(setup, fisher, task, rank, t_lambda, num_times, taylor_order, shift=pi_g)
     res["onto"] = onto
     res["projector_rank"] = k
     kl = res["kl"]
@@ -340,13 +374,9 @@ def orthogonal_variant(
     du = np.asarray(kl["delta_u"])
     c4 = kl["taylor_coefficients"][3]
     kl["ratio_to_c4"] = (du / (c4 * ts**4)).tolist()
-    # float64 resolves the KL drift only above ≈ 1e-15 (its first-order terms cancel in
-    # expectation, not in rounding): read c₄ at the smallest t where Δu is well above that floor
-    resolved = np.nonzero(du > 1e-11)[0]
-    kl["resolved_from_t"] = float(ts[resolved[0]]) if resolved.size else None
-    kl["ratio_to_c4_smallest_resolved_t"] = (
-        float(du[resolved[0]] / (c4 * ts[resolved[0]] ** 4)) if resolved.size else None
-    )
+    # the smallest t of the window: the cancellation-free KL is exact there up to the rounding of
+    # the logits themselves (~1e-15 absolute against logit shifts ≳ 1e-10 at t·λ_max ≥ 1e-2)
+    kl["ratio_to_c4_smallest_t"] = float(du[0] / (c4 * ts[0] ** 4))
     q4 = kl["aic"]["quartic_coefficient"]
     kl["c4_over_gamma_f"] = c4 / q4 if q4 > 0 else None
     slope = np.asarray(kl["local_slope"])
@@ -361,16 +391,65 @@ def orthogonal_variant(
     return res
 
 
-def _long_fn(setup: CollapseSetup, optimizer: str, lr: float, num_records: int, steps: int):
-    key = ("long", optimizer, lr, num_records, steps)
+def lora_reparam(setup: CollapseSetup, rank: int, key: jax.Array):
+    """LoRA in θ*'s flat space: ``θ(φ) = θ* + scatter(A_i B_i)`` over every dense kernel.
+
+    ``φ`` holds one pair ``A_i [d_in, r]`` (random, std ``1/√d_in``), ``B_i [r, d_out]`` (zero)
+    per 2-d ``kernel`` of the model (attention projections, MLP, head), so ``θ(φ₀) = θ*`` exactly
+    and ``x(W + AB)`` is the adapter layer of :class:`quartic.models.transformer.Dense`. Every
+    loss of ``setup`` then applies to ``θ(φ)`` unchanged, and Δθ, the overlap score and Δu are
+    measured in the full parameter space. Returns ``(phi0 [m], theta_of_phi)``.
+    """
+    if rank < 1:
+        raise ValueError(f"LoRA rank must be >= 1, got {rank}")
+    kernels = {
+        jax.tree_util.keystr(path): leaf.shape
+        for path, leaf in jax.tree_util.tree_flatten_with_path(setup.params)[0]
+        if jax.tree_util.keystr(path).endswith("['kernel']") and leaf.ndim == 2
+    }
+    if not kernels:
+        raise ValueError("the model has no 2-d kernel to adapt")
+    keys = jax.random.split(key, len(kernels))
+    adapters = {
+        name: (
+            jax.random.normal(k, (d_in, rank), setup.theta.dtype) / d_in**0.5,
+            jnp.zeros((rank, d_out), setup.theta.dtype),
+        )
+        for k, (name, (d_in, d_out)) in zip(keys, kernels.items(), strict=True)
+    }
+    phi0, unravel_phi = pytree.ravel(adapters)
+    params_star = setup.params
+
+    def theta_of_phi(phi):
+        ab = {name: a @ b for name, (a, b) in unravel_phi(phi).items()}
+        params = jax.tree_util.tree_map_with_path(
+            lambda path, leaf: leaf + ab[jax.tree_util.keystr(path)]
+            if jax.tree_util.keystr(path) in ab
+            else leaf,
+            params_star,
+        )
+        return pytree.ravel(params)[0]
+
+    return phi0, theta_of_phi
+
+
+def _long_fn(
+    setup: CollapseSetup, optimizer: str, lr: float, num_records: int, steps: int, lora_rank: int
+):
+    key = ("long", optimizer, lr, num_records, steps, lora_rank)
     if key not in setup._compiled:
-        opt = optax.sgd(lr) if optimizer == "sgd" else optax.adam(lr)
+        opt = {"sgd": optax.sgd, "adam": optax.adam}[optimizer](lr)
         rec = dynamics.log_steps(steps, num_records)
         align, align_data = setup.align_fns, setup.align_data
         apply_fn, to_params = setup.apply_fn, setup.to_params
+        if lora_rank:
+            phi0, theta_of = lora_reparam(setup, lora_rank, jax.random.PRNGKey(lora_rank))
+        else:
+            phi0, theta_of = None, lambda th: th
 
         def run(theta0, batch, basis, eig_top, u0, harmful, retain):
-            def observe(th):
+            def observe(x):
+                th = theta_of(x)
                 p = to_params(th)
                 delta = th - theta0
                 coords = basis.T @ delta
@@ -380,13 +459,15 @@ def _long_fn(setup: CollapseSetup, optimizer: str, lr: float, num_records: int, 
                     "du_refusal": align["refusal"](th, align_data["refusal"]) - u0,
                     "du_kl": align["kl"](th, align_data["kl"]),
                     "ft_loss": setup.lm_fn(th, batch),
+                    "delta_norm": jnp.linalg.norm(delta),
                     "overlap": jnp.linalg.norm(coords)
                     / jnp.maximum(jnp.linalg.norm(delta), 1e-300),
                     "fisher_overlap": jnp.linalg.norm(jnp.sqrt(jnp.clip(eig_top, 0)) * coords),
                 }
 
+            x0 = theta0 if phi0 is None else phi0
             return dynamics.run_optimizer(
-                lambda th: setup.lm_fn(th, batch), theta0, opt, rec, observe, lr=lr
+                lambda x: setup.lm_fn(theta_of(x), batch), x0, opt, rec, observe, lr=lr
             )
 
         setup._compiled[key] = (jax.jit(run), rec)
@@ -403,25 +484,39 @@ def long_finetune(
     seed: int,
     num_records: int = 12,
     subsample: float = 0.5,
-    optimizer: str = "sgd",
+    optimizer: str = "adam",
+    lora_rank: int = 0,
 ) -> dict:
     """Full-batch fine-tuning on a seeded random half of the task's data (the seed varies the data).
 
-    Records the harmfulness rate on held-out harmful prompts of every category, retention (accuracy
-    on held-out benign tasks), Δu of both alignment losses, and the overlap score ``‖PΔθ‖/‖Δθ‖``
-    with its Fisher-weighted form ``‖F^{1/2}PΔθ‖``.
+    ``optimizer``: ``"adam"`` or ``"sgd"`` (plain gradient descent on the full batch; stable only
+    for ``lr < 2/λ_max(H_FT)``). ``lora_rank > 0`` trains LoRA adapters on every dense kernel
+    instead of all weights (:func:`lora_reparam`). Records the harmfulness rate on held-out harmful
+    prompts of every category, retention (accuracy on held-out benign tasks), Δu of both alignment
+    losses, ‖Δθ‖ and the overlap score ``‖PΔθ‖/‖Δθ‖`` with its Fisher-weighted form
+    ``‖F^{1/2}PΔθ‖``.
     """
+    if optimizer not in ("adam", "sgd"):
+        raise ValueError(f"optimizer must be 'adam' or 'sgd', got {optimizer!r}")
     n_rows = len(setup.task_batch(task)["tokens"])
     rng = np.random.default_rng([seed, zlib.crc32(task.encode())])
     rows = np.sort(rng.choice(n_rows, max(1, int(subsample * n_rows)), replace=False))
     batch = setup.task_batch(task, rows)
-    run, rec = _long_fn(setup, optimizer, lr, num_records, steps)
+    run, rec = _long_fn(setup, optimizer, lr, num_records, steps, lora_rank)
     u0 = setup.align_value("refusal", setup.theta)
     harmful = {k: jnp.asarray(v) for k, v in setup.harmful_heldout.items()}
     retain = {k: jnp.asarray(v) for k, v in setup.retention_batch.items()}
     traj = run(setup.theta, batch, basis, eig_top, u0, harmful, retain).checked()
     obs = {k: np.asarray(v).tolist() for k, v in jax.device_get(traj.observables).items()}
-    return {"task": task, "seed": seed, "steps": rec.tolist(), **obs}
+    return {
+        "task": task,
+        "seed": seed,
+        "optimizer": optimizer,
+        "lr": lr,
+        "lora_rank": lora_rank,
+        "steps": rec.tolist(),
+        **obs,
+    }
 
 
 def spearman(x, y) -> float:

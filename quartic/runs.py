@@ -283,6 +283,10 @@ class RunDir:
         names = sorted(p.stem for p in self.units_dir.glob("*.json") if _UNIT_NAME.match(p.stem))
         return {name: self.read_unit(name) for name in names}
 
+    def done_results(self) -> dict[str, Any]:
+        """The ``result`` of every finished unit, by name (what a ``plot`` reads back)."""
+        return {k: r["result"] for k, r in self.units().items() if r.get("status") == "done"}
+
     def append_metrics(self, record: Mapping[str, Any]) -> None:
         append_jsonl(self.metrics_path, record)
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
 import jax
@@ -224,26 +224,54 @@ def taylor_onset(
 
     ``align_loss_fn(theta, *align_args)`` and ``ft_loss_fn(theta, *ft_args)``: data passed as
     arguments are not baked into the compiled program, which is cached per (losses, order).
+    Several alignment losses along one flow: :func:`taylor_onsets`.
+    """
+    return taylor_onsets((align_loss_fn,), ft_loss_fn, theta_star, order, (align_args,), ft_args)[0]
+
+
+def taylor_onsets(
+    align_loss_fns: Sequence[Callable[..., jax.Array]],
+    ft_loss_fn: Callable[..., jax.Array],
+    theta_star: jax.Array,
+    order: int = 6,
+    align_args: Sequence[tuple] | None = None,
+    ft_args: tuple = (),
+) -> list[TaylorOnset]:
+    """:func:`taylor_onset` for several alignment losses along the same flow, in one program.
+
+    The flow's derivatives (the costly nested ``jet`` of ``−∇L_FT``) are computed and compiled
+    once; each loss adds one ``jet`` of its own. ``align_args[i]`` are the arguments of
+    ``align_loss_fns[i]`` (default: none).
     """
     if order < 1:
         raise QuarticError(f"order must be >= 1, got {order}")
     if theta_star.ndim != 1:
         raise QuarticError(f"theta_star must be flat [n], got shape {theta_star.shape}")
-    coeffs, derivs = _taylor_fn(align_loss_fn, ft_loss_fn, order)(theta_star, align_args, ft_args)
-    return TaylorOnset(coeffs, derivs)
+    fns = tuple(align_loss_fns)
+    args = tuple(tuple(a) for a in align_args) if align_args is not None else ((),) * len(fns)
+    if len(args) != len(fns):
+        raise QuarticError(
+            f"align_args has {len(args)} entries for {len(fns)} alignment losses: give one tuple "
+            "of arguments per loss"
+        )
+    coeffs, derivs = _taylor_fn(fns, ft_loss_fn, order)(theta_star, args, ft_args)
+    return [TaylorOnset(c, derivs) for c in coeffs]
 
 
 @functools.lru_cache(maxsize=32)
-def _taylor_fn(align_loss_fn, ft_loss_fn, order):
+def _taylor_fn(align_loss_fns, ft_loss_fn, order):
     def run(theta_star, align_args, ft_args):
         neg_grad = lambda th: -jax.grad(ft_loss_fn)(th, *ft_args)
         derivs = [neg_grad(theta_star)]
         for _ in range(order - 1):
             _, series = jet.jet(neg_grad, (theta_star,), (derivs,))
             derivs.append(series[-1])
-        _, useries = jet.jet(lambda th: align_loss_fn(th, *align_args), (theta_star,), (derivs,))
         fact = jnp.asarray([math.factorial(k) for k in range(1, order + 1)], theta_star.dtype)
-        return jnp.stack(useries) / fact, jnp.stack(derivs)
+        coeffs = []
+        for fn, a in zip(align_loss_fns, align_args, strict=True):
+            _, useries = jet.jet(lambda th, fn=fn, a=a: fn(th, *a), (theta_star,), (derivs,))
+            coeffs.append(jnp.stack(useries) / fact)
+        return coeffs, jnp.stack(derivs)
 
     return jax.jit(run)
 

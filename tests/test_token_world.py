@@ -260,6 +260,33 @@ def test_kl_to_reference_is_zero_and_flat_at_the_reference():
     assert abs(float(kl({"a": jnp.asarray(1.0), "b": jnp.asarray(3.0)}))) < 1e-12  # shift-invariant
 
 
+def test_kl_logit_shift_is_exact_where_the_textbook_form_cancels():
+    rng = np.random.default_rng(0)
+    ref = jnp.asarray(rng.normal(size=(5, 7)) * 3.0)
+    direction = jnp.asarray(rng.normal(size=(5, 7)))
+    p = jax.nn.softmax(ref, axis=-1)
+
+    def textbook(z):
+        lr, lz = jax.nn.log_softmax(ref, -1), jax.nn.log_softmax(z, -1)
+        return jnp.sum(p * (lr - lz), axis=-1)
+
+    # large shifts (both branches of e^x − 1 − x): the two forms are the same function
+    for eps in (0.3, 2.0, 10.0):
+        z = ref + eps * direction
+        np.testing.assert_allclose(tw.kl_logit_shift(ref, z), textbook(z), rtol=1e-12)
+    # tiny shifts: KL = ½ Var_p(d) − ⅙ E_p[dc³] + O(d⁴), so with |d| ~ 1e-7 the second-order
+    # form is exact to ~1e-7 relative; the textbook form has only absolute 1e-16 accuracy
+    eps = 1e-7
+    z = ref + eps * direction
+    d = z - ref  # the shift as represented (ref + d rounds d by ~1e-16 absolute)
+    dc = d - jnp.sum(p * d, -1, keepdims=True)
+    second = 0.5 * jnp.sum(p * dc**2, -1) + jnp.sum(p * dc**3, -1) / 6
+    got = tw.kl_logit_shift(ref, z)
+    np.testing.assert_allclose(got, second, rtol=1e-12)
+    assert np.max(np.abs(textbook(z) / second - 1)) > 1e-4  # why it exists
+    assert float(tw.kl_logit_shift(ref, ref).max()) == 0.0
+
+
 def test_bad_requests_are_reported():
     w = world()
     with pytest.raises(ValueError, match="unknown task"):
