@@ -22,10 +22,9 @@ import pathlib
 import sys
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
-from quartic import collapse, plotting
+from quartic import collapse, curvature, plotting
 from quartic.errors import QuarticError
 from quartic.models import TransformerConfig
 from quartic.runs import RunDir, run_sweep, write_json_atomic
@@ -115,8 +114,8 @@ def _curvature(config: Config, category: int) -> dict:
 
 @functools.cache
 def _basis(config: Config, category: int):
-    w, v = jnp.linalg.eigh(_fisher(config, category))
-    return v[:, ::-1][:, : config.rank], w[::-1][: config.rank]
+    w, v = curvature.eigh_descending(_fisher(config, category))
+    return v[:, : config.rank], w[: config.rank]
 
 
 def _units(config: Config) -> list:

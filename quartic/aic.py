@@ -186,7 +186,7 @@ def _measure_fn(
     if cache_key in _MEASURE_CACHE:
         return _MEASURE_CACHE[cache_key]
 
-    def measure(theta, params, f_given, align_batch, ft_batch, key):
+    def measure(theta, params, f_given, f_eig, align_batch, ft_batch, key):
         n = theta.shape[0]
         la = lambda th: align_loss_fn(
             *((to_params(th, params),) if no_align_batch else (to_params(th, params), align_batch))
@@ -205,9 +205,12 @@ def _measure_fn(
             f_mv = fisher_mv if fisher_mv is not None else h_a
         out = {"align_loss_fn": la(theta), "ft_loss_fn": lf(theta)}
         if method == "dense":
-            a = f_given if dense_given else curvature.dense_matrix(f_mv, n, theta.dtype, chunk_size)
-            w, v = jnp.linalg.eigh(curvature.symmetrize(a))
-            w, v = w[::-1], v[:, ::-1]
+            if dense_given:  # decomposed once per matrix, outside (curvature.eigh_descending)
+                w, v = f_eig
+            else:
+                a = curvature.dense_matrix(f_mv, n, theta.dtype, chunk_size)
+                w, v = jnp.linalg.eigh(curvature.symmetrize(a))
+                w, v = w[::-1], v[:, ::-1]
             top, basis = w[:rank], v[:, :rank]
             out.update(trace=jnp.sum(w), tail=jnp.sum(w[rank:]), tail_se=jnp.zeros_like(w[0]))
             out["eigenvalues"] = w
@@ -323,7 +326,10 @@ def check_aic(
         trace_samples,
         chunk_size,
     )
-    m = measure(theta, params, f_given, align_batch, ft_batch, key)
+    f_eig = (
+        curvature.eigh_descending(f_given) if f_given is not None and method == "dense" else None
+    )
+    m = measure(theta, params, f_given, f_eig, align_batch, ft_batch, key)
     for name in ("align_loss_fn", "ft_loss_fn"):
         if not bool(jnp.isfinite(m[name])):
             raise QuarticError(f"{name} is not finite at the given parameters: {float(m[name])}")

@@ -355,8 +355,7 @@ def orthogonal_variant(
         raise ValueError(f"taylor_order must be >= 4 to read c₄, got {taylor_order}")
     batch = setup.task_batch(task)
     g = jax.jit(jax.grad(setup.lm_fn))(setup.theta, batch)
-    w, v = jnp.linalg.eigh(fisher)
-    w, v = w[::-1], v[:, ::-1]
+    w, v = curvature.eigh_descending(fisher)
     if onto == "range":
         k = int(jnp.sum(w > range_rtol * w[0]))
     elif onto == "rank":
@@ -423,9 +422,9 @@ def lora_reparam(setup: CollapseSetup, rank: int, key: jax.Array):
     def theta_of_phi(phi):
         ab = {name: a @ b for name, (a, b) in unravel_phi(phi).items()}
         params = jax.tree_util.tree_map_with_path(
-            lambda path, leaf: leaf + ab[jax.tree_util.keystr(path)]
-            if jax.tree_util.keystr(path) in ab
-            else leaf,
+            lambda path, leaf: (
+                leaf + ab[jax.tree_util.keystr(path)] if jax.tree_util.keystr(path) in ab else leaf
+            ),
             params_star,
         )
         return pytree.ravel(params)[0]

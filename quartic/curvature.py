@@ -188,6 +188,23 @@ def lanczos_eigh(
     return LanczosResult(top, bottom, m + k)
 
 
+_EIGH_LAST: list = []  # [(matrix, (values, vectors))]: the last matrix decomposed
+
+
+def eigh_descending(a: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Eigenpairs of the symmetric ``a``, largest first: ``(w [n], v [n, n])``.
+
+    The last matrix is remembered by identity, so a dense Fisher reused by many checks (every
+    task, both alignment losses, every projector) is decomposed once, not once per call.
+    """
+    if _EIGH_LAST and _EIGH_LAST[0][0] is a:
+        return _EIGH_LAST[0][1]
+    w, v = jnp.linalg.eigh(symmetrize(a))
+    out = (w[::-1], v[:, ::-1])
+    _EIGH_LAST[:] = [(a, out)]
+    return out
+
+
 def dense_eigh_extremes(a: jax.Array, k_top: int, k_bottom: int = 0) -> LanczosResult:
     """The same result type from a dense symmetric matrix (the exact oracle)."""
     w, v = jnp.linalg.eigh(symmetrize(a))
