@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from quartic import aic, dynamics, pytree, theory
+from quartic import aic, checkpoint, dynamics, pytree, theory
 from quartic.errors import QuarticError
 
 
@@ -330,7 +330,11 @@ def cli_main(argv: list[str]) -> int:
     from quartic.tasks import token_world as tw
 
     parser = argparse.ArgumentParser(prog="quartic diagnose", description=cli_main.__doc__)
-    parser.add_argument("--checkpoint", required=True, help="θ* directory (params.npz + meta.json)")
+    parser.add_argument(
+        "--checkpoint",
+        required=True,
+        help="θ* directory (saved by quartic.training.save_theta_star: params/ + meta.json)",
+    )
     parser.add_argument(
         "--task", required=True, help=f"one of {', '.join(tw.BENIGN_TASKS)}, harmful"
     )
@@ -347,8 +351,8 @@ def cli_main(argv: list[str]) -> int:
     args = parser.parse_args(argv)
 
     path = pathlib.Path(args.checkpoint)
-    if not (path / "meta.json").exists() or not (path / "params.npz").exists():
-        raise QuarticError(f"no θ* checkpoint at {path} (expected params.npz and meta.json)")
+    if not checkpoint.exists(path):
+        raise QuarticError(f"no θ* checkpoint at {path} (expected params/ and meta.json)")
     if args.task not in (*tw.BENIGN_TASKS, "harmful"):
         raise QuarticError(
             f"unknown task {args.task!r}; choose one of {', '.join(tw.BENIGN_TASKS)}, harmful"

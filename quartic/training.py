@@ -28,10 +28,10 @@ flat parameter vector, with jitted evaluations and a Python-driven line search.
 With ``config.lora_rank > 0`` only the base weights are trained (``wrt=BaseParam``); the adapters
 keep their zero-initialised ``B``, so theta* is the same function with or without adapters.
 
-Checkpoints (:func:`save_theta_star` / :func:`load_theta_star`): ``<cache_dir>/<key>/params.npz``
-holds every ``nnx.Param`` of the model, one array per ``/``-joined path
-(``blocks/0/attn/q_proj/kernel``), and ``<cache_dir>/<key>/meta.json`` the model config, world
-config, seed, alignment config and the report. ``key`` (:func:`checkpoint_key`) hashes all four, so
+Checkpoints (:func:`save_theta_star` / :func:`load_theta_star`, :mod:`quartic.checkpoint`):
+``<cache_dir>/<key>/params/`` is an orbax checkpoint of every ``nnx.Param`` of the model, one array
+per ``/``-joined path (``blocks/0/attn/q_proj/kernel``), and ``<cache_dir>/<key>/meta.json`` holds
+the model config, world config, seed, alignment config and the report. ``key`` (:func:`checkpoint_key`) hashes all four, so
 a changed config never reuses a stale theta*.
 """
 
@@ -56,7 +56,8 @@ from flax import nnx
 from jax.flatten_util import ravel_pytree
 from tqdm.auto import tqdm
 
-from quartic.errors import DivergenceError
+from quartic import checkpoint
+from quartic.errors import DivergenceError, QuarticError
 from quartic.models.transformer import (
     BaseParam,
     Transformer,
@@ -428,7 +429,7 @@ def _accept(f, f_new, slope, slope_new, alpha) -> bool:
 
 # Part of every checkpoint key: bump it when the world's generator or the training recipe changes,
 # so that no stale theta* is reused.
-CHECKPOINT_FORMAT = 2
+CHECKPOINT_FORMAT = 3  # 3: orbax arrays (quartic.checkpoint)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -572,47 +573,25 @@ def checkpoint_key(
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def _path_name(path) -> str:
-    return "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
-
-
 def save_theta_star(directory: str | os.PathLike, model: Transformer, meta: dict) -> Path:
-    """Write every ``nnx.Param`` of ``model`` to ``directory/params.npz`` and ``meta`` (which must
-    hold ``"model_config"``) to ``directory/meta.json``. Returns ``directory``."""
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
+    """Write every ``nnx.Param`` of ``model`` and ``meta`` (which must hold ``"model_config"``) to
+    ``directory`` (:mod:`quartic.checkpoint`: orbax arrays + ``meta.json``). Returns it."""
+    if "model_config" not in meta:
+        raise QuarticError("meta must hold 'model_config' (the TransformerConfig as a dict)")
     _, params = functional(model, nnx.Param)
-    flat = {
-        _path_name(p): np.asarray(x) for p, x in jax.tree_util.tree_flatten_with_path(params)[0]
-    }
-    # Write under temporary names and rename, so a crash never leaves a half-written checkpoint.
-    tmp_npz, tmp_meta = directory / "params.tmp.npz", directory / "meta.tmp.json"
-    np.savez(tmp_npz, **flat)
-    tmp_meta.write_text(json.dumps(meta, indent=2, sort_keys=True))
-    os.replace(tmp_npz, directory / "params.npz")
-    os.replace(tmp_meta, directory / "meta.json")
-    return directory
+    return checkpoint.save(directory, params, meta)
 
 
 def load_theta_star(directory: str | os.PathLike) -> tuple[Transformer, dict]:
     """Rebuild the model saved by :func:`save_theta_star`; returns ``(model, meta)``."""
     directory = Path(directory)
+    if not checkpoint.exists(directory):
+        raise QuarticError(f"no θ* checkpoint at {directory} (expected meta.json and params/)")
     meta = json.loads((directory / "meta.json").read_text())
-    config = TransformerConfig.from_dict(meta["model_config"])
-    model = Transformer(config, rngs=nnx.Rngs(0))
+    model = Transformer(TransformerConfig.from_dict(meta["model_config"]), rngs=nnx.Rngs(0))
     _, template = functional(model, nnx.Param)
-    paths, treedef = jax.tree_util.tree_flatten_with_path(template)
-    with np.load(directory / "params.npz") as stored:
-        leaves = []
-        for path, x in paths:
-            name = _path_name(path)
-            if name not in stored or stored[name].shape != x.shape:
-                raise ValueError(
-                    f"checkpoint {directory} does not match its config at {name!r}; delete it "
-                    "and rebuild"
-                )
-            leaves.append(jnp.asarray(stored[name], dtype=x.dtype))
-    update_params(model, jax.tree_util.tree_unflatten(treedef, leaves), nnx.Param)
+    params, meta = checkpoint.load(directory, template)
+    update_params(model, params, nnx.Param)
     return model, meta
 
 
@@ -657,7 +636,7 @@ def make_aligned_model(
         )
     key = checkpoint_key(config, world.config, seed, align)
     path = Path(cache_dir or _default_cache_dir()) / key
-    if use_cache and (path / "meta.json").exists():
+    if use_cache and checkpoint.exists(path):
         model, meta = load_theta_star(path)
         apply_fn, theta_star = functional(model, nnx.Param)
         return AlignedModel(model, apply_fn, theta_star, {**meta["report"], "cached": True}, path)

@@ -1,5 +1,6 @@
 """quartic diagnose: forecast against a real run, the premise warning, one-line CLI errors."""
 
+import json
 import subprocess
 import sys
 
@@ -84,3 +85,48 @@ def test_cli_missing_checkpoint_is_one_line():
     assert "Traceback" not in proc.stderr
     lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
     assert len(lines) == 1 and "no θ* checkpoint" in lines[0]
+
+
+def test_cli_on_a_saved_model_that_is_not_aligned_warns_and_shows_the_linear_term(tmp_path, capsys):
+    """A freshly initialised transformer saved as a checkpoint: its refusal loss has a large
+    gradient, so the CLI must say the quartic law does not apply and report the linear rate."""
+    from flax import nnx
+
+    from quartic import cli, training
+    from quartic.models import Transformer, TransformerConfig
+    from quartic.tasks import token_world as tw
+
+    world = tw.TokenWorld(tw.WorldConfig(seed=0))
+    cfg = TransformerConfig(
+        vocab_size=world.vocab_size,
+        seq_len=world.config.seq_len,
+        d_model=4,
+        n_heads=1,
+        n_layers=1,
+        d_ff=8,
+        param_dtype="float64",
+    )
+    meta = {"model_config": cfg.to_dict(), "world_config": json.loads(world.config.to_json())}
+    ckpt = training.save_theta_star(tmp_path / "raw", Transformer(cfg, rngs=nnx.Rngs(0)), meta)
+    argv = [
+        "diagnose",
+        "--checkpoint",
+        str(ckpt),
+        "--task",
+        "sort",
+        "--loss",
+        "refusal",
+        "--lr",
+        "0.01",
+        "--horizon",
+        "20",
+        "--rank",
+        "4",
+        "--out",
+        str(tmp_path / "out"),
+    ]
+    assert cli.main(argv) == 0
+    out = capsys.readouterr().out
+    assert "not at an aligned optimum" in out and "no quartic law applies" in out
+    assert "linear term dominates" in out
+    assert (tmp_path / "out" / "diagnosis.json").exists()
