@@ -1,0 +1,220 @@
+"""experiments/transfer_robustness.py and quartic.transfer: a tiny end-to-end run, its summary,
+resume, bad configurations, and the model helpers (LoRA merge, body carry-over, synonym rewrite)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from quartic import transfer as tr
+from quartic.cli import load_experiment
+from quartic.errors import QuarticError
+from quartic.runs import read_json
+from quartic.tasks import synonyms as syn
+
+EXP = load_experiment("transfer_robustness")
+
+
+def tiny_config(**overrides):
+    """Every stage, at the smallest scale that still runs them all (one pair, two seeds)."""
+    base = dict(
+        sizes=("2k",),
+        archs=("encoder",),
+        lora_size="",
+        n_seeds=2,
+        n_concepts=16,
+        max_synonyms=4,
+        n_stop=4,
+        n_cues=3,
+        n_shared=1,
+        n_source=160,
+        target_fraction=0.25,
+        n_val=24,
+        n_test=24,
+        min_len=8,
+        max_len=12,
+        settings=("surface",),
+        pairs=("hate>political",),
+        corpus_size=64,
+        pretrain_steps=8,
+        source_steps=8,
+        source_eval_every=4,
+        target_steps=8,
+        target_eval_every=4,
+        batch_size=8,
+        n_val_eval=16,
+        budgets=(80, 2),
+        n_attack=16,
+        bridge_rank=2,
+        bridge_iters=4,
+        bridge_examples=16,
+    )
+    return EXP.Config(**{**base, **overrides})
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("transfer_robustness")
+    config = tiny_config()
+    summary = EXP.run(config, out)
+    return config, out, summary
+
+
+def test_tiny_run_produces_every_quantity(tiny_run):
+    config, out, summary = tiny_run
+    assert summary["num_failed"] == 0, summary["failures"]
+    assert summary["budgets"] == ["80", "2", "unlimited"]
+    cell = summary["cells"]["surface|encoder|2k|full"]
+    assert set(cell["pairs"]) == {"hate>political"}
+    for key in ("delta_oacc", "delta_asr_80", "delta_asr_2", "delta_asr_unlimited"):
+        assert cell[key]["n"] == config.n_seeds and np.isfinite(cell[key]["mean"])
+    unit = read_json(out / "units" / "transfer__surface__encoder__2k__full__hate-political.json")
+    rec = unit["result"]["per_seed"][0]
+    assert 0 < rec["best_step"] <= config.target_steps
+    for name in ("80", "2", "unlimited"):
+        m = rec["attacks"][name]
+        # AUA = OAcc (1 - ASR) exactly (counts), and every metric of the paper is there
+        assert m["accuracy_under_attack"] == pytest.approx(
+            m["clean_accuracy"] * (1 - m["attack_success_rate"]), abs=1e-12
+        )
+        for key in ("mean_queries", "pct_words_perturbed", "margin_clean", "margin_attacked"):
+            assert key in m
+    # max_len 12 and 3 candidates: at most 36 queries, so budget 80 is the unlimited attack
+    assert rec["attacks"]["80"]["identical_to_unlimited"] is True
+    assert rec["attacks"]["2"]["identical_to_unlimited"] is False
+    assert rec["attacks"]["2"]["mean_queries"] <= 2
+    # best checkpoint: the source stage's reported loss is the minimum of its validation curve
+    src = read_json(out / "units" / "source__surface__encoder__2k__full__hate.json")["result"]
+    np.testing.assert_allclose(src["best_val_loss"], np.min(src["val_curve"], axis=1))
+    bridge = summary["bridge"]["surface|encoder"]["per_pair"]["hate>political"]
+    for q in EXP.BRIDGE_QUANTITIES:
+        assert len(bridge[q]) == config.n_seeds and np.isfinite(bridge[q]).all()
+    assert all(0 <= v <= 1 + 1e-5 for v in bridge["transfer"]["overlap"])
+    assert (out / "cache" / "pretrained" / "encoder_2k_seed1.npz").exists()
+    rows = EXP.table(summary)
+    assert any("ΔASR@80" in r["quantity"] for r in rows)
+    assert all(r["experiment"] == "transfer_robustness" for r in rows)
+
+
+def test_rerun_recomputes_nothing(tiny_run, tmp_path, monkeypatch):
+    config, out, summary = tiny_run
+    files = sorted((out / "units").glob("*.json")) + sorted((out / "cache").rglob("*.npz"))
+    before = {p: p.stat().st_mtime_ns for p in files}
+    calls = []
+    original = tr.fit
+
+    def counting_fit(*args, **kwargs):
+        calls.append(args[0])
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(tr, "fit", counting_fit)
+    again = EXP.run(config, out)
+    assert calls == []
+    assert {p: p.stat().st_mtime_ns for p in files} == before
+    assert again["cells"] == summary["cells"]
+    paths = EXP.plot(out, tmp_path)
+    assert [p.name for p in paths] == [
+        "transfer_robustness.png",
+        "transfer_robustness_bridge.png",
+    ]
+    assert all(p.stat().st_size > 10_000 for p in paths)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"target_fraction": 0.0}, "target_fraction"),
+        ({"budgets": (0,)}, "budget"),
+        ({"sizes": ("3k",)}, "unknown model size"),
+        ({"archs": ("rnn",)}, "unknown architecture"),
+        ({"settings": ("loud",)}, "unknown setting"),
+        ({"pairs": ("hate>hate",)}, "pair"),
+        ({"cue_concepts": (0, 1)}, "cue_concepts"),
+        ({"lora_size": "30k"}, "lora_size"),
+    ],
+)
+def test_bad_configurations_raise(overrides, message):
+    with pytest.raises(QuarticError, match=message):
+        tiny_config(**overrides)
+
+
+def test_cue_set_outside_the_vocabulary_raises(tmp_path):
+    config = tiny_config(cue_concepts=(0, 1, 2, 3, 4, 5, 6, 7, 99))
+    with pytest.raises(QuarticError, match=r"outside the vocabulary"):
+        EXP.run(config, tmp_path)
+    assert not (tmp_path / "units").exists()  # refused before any work
+
+
+def test_model_config_errors():
+    with pytest.raises(QuarticError, match="unknown model size"):
+        tr.model_config("5k", "decoder", vocab_size=40, seq_len=8)
+    with pytest.raises(QuarticError, match="unknown architecture"):
+        tr.model_config("2k", "lstm", vocab_size=40, seq_len=8)
+    with pytest.raises(QuarticError, match="multiple of eval_every"):
+        tr.FitConfig(n_steps=10, eval_every=3)
+
+
+@pytest.fixture(scope="module")
+def small_lang():
+    return syn.make_language(syn.LanguageConfig(n_concepts=12, max_synonyms=4, n_stop=4, seed=2))
+
+
+def test_lora_merge_and_body_carry(small_lang):
+    v = small_lang.vocab_size
+    lm = tr.model_config("2k", "decoder", vocab_size=v, seq_len=10, head="lm")
+    clf = tr.model_config("2k", "decoder", vocab_size=v, seq_len=10, lora_rank=2)
+    plain = dataclasses.replace(clf, lora_rank=0)
+    body = tr.init_params(lm, 0)
+    params = tr.carry_body(tr.init_params(clf, 1), body)
+    # the body comes from the LM, the head and the adapters do not
+    np.testing.assert_array_equal(params["token_embed"], body["token_embed"])
+    assert params["head"]["kernel"].shape == (clf.d_model, 2)
+    # give the adapters a non-zero B, so the merge has something to fold in
+    rng = np.random.default_rng(0)
+    params = jax.tree_util.tree_map_with_path(
+        lambda path, x: (
+            x + 0.3 * rng.normal(size=x.shape).astype(x.dtype)
+            if "lora_b" in jax.tree_util.keystr(path)
+            else x
+        ),
+        params,
+    )
+    merged = tr.merge_lora(params)
+    tokens = jnp.asarray(syn.pretrain_corpus(small_lang, 4, 10, 0))
+    call_lora = tr._model_fns(clf).call
+    call_plain = tr._model_fns(plain).call
+    a = jax.jit(call_lora)(params, tokens)
+    b = jax.jit(call_plain)(merged, tokens)
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5)
+    assert not np.allclose(
+        np.asarray(b),
+        np.asarray(jax.jit(call_plain)(tr.merge_lora(tr.init_params(clf, 1)), tokens)),
+    )
+
+
+def test_save_load_roundtrip(tmp_path, small_lang):
+    cfg = tr.model_config("2k", "encoder", vocab_size=small_lang.vocab_size, seq_len=10)
+    params = tr.init_params(cfg, 3)
+    path = tr.save_params(tmp_path / "m.npz", cfg, params)
+    back = tr.load_params(path, cfg)
+    for x, y in zip(jax.tree.leaves(params), jax.tree.leaves(back), strict=True):
+        np.testing.assert_array_equal(np.asarray(x), y)
+
+
+def test_synonym_rewrite_keeps_concepts(small_lang):
+    tokens = syn.pretrain_corpus(small_lang, 32, 12, 1)
+    tokens[:, -2:] = syn.PAD
+    out = tr.synonym_rewrite(small_lang, tokens, seed=0)
+    np.testing.assert_array_equal(small_lang.concept_of[out], small_lang.concept_of[tokens])
+    fixed = ~small_lang.is_content[tokens]
+    np.testing.assert_array_equal(out[fixed], tokens[fixed])
+    assert (out != tokens).mean() > 0.2  # clusters have >= 2 members: many tokens change
+
+
+def test_budget_that_cannot_bind_is_unlimited():
+    assert tr.budget_is_unlimited(None, 20, 5)
+    assert tr.budget_is_unlimited(100, 20, 5) and not tr.budget_is_unlimited(99, 20, 5)
