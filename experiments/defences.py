@@ -8,11 +8,18 @@ the same with a Fisher tail (a first-order leak no rank-d defence removes), and 
 curvature ``‖c‖`` (how far M rotates) for the projection defences. Figures overlay the predicted
 leading terms (c₄t⁴ for the plain and fixed-projection flows, ``a t²`` for tracking).
 
-    quartic run defences --quick        # about 45 s on a 2-core CPU (5 seeds)
-    quartic run defences                # about 1.5 min (8 seeds)
+The ``transformer`` setting runs the same defences on the small aligned transformer
+(:mod:`quartic.collapse_tasks`: L_A = the KL drift on a harm category, whose Hessian at θ* is the
+true Fisher; L_FT = each benign task's LM loss), with ``lr = lr_λ/λ_max(H_FT(θ*))`` per task and
+equal progress = the task loss plain fine-tuning has after ``transformer_ref_steps`` steps; it also
+records why the projections stop where they do (the Fisher mass of the step outside M).
+
+    quartic run defences --quick        # about 2 min on a 2-core CPU (5 seeds; 2 transformer tasks)
+    quartic run defences                # about 10 min (8 seeds; 6 tasks, tracked defences)
     -> M rotates ~0.18 rad; the fixed projection ≈ plain (ratio ~1); periodic (k = 25) ~50× and
        tracked ~3e4× less Δu than plain; the retractions ≥ 1e6×; with a Fisher tail every
-       projection is floored at the tail's t² leak (~150× below plain); laws k² and K² reproduced
+       projection is floored at the tail's t² leak (~150× below plain); laws k² and K² reproduced;
+       transformer: every projection ~6× below plain, stopped by the Fisher tail outside M
 """
 
 from __future__ import annotations
@@ -27,14 +34,15 @@ import jax.numpy as jnp
 import numpy as np
 
 import quartic as q
+from quartic import collapse, collapse_tasks, curvature, dynamics, plotting, theory
 from quartic import defences as D
-from quartic import dynamics, plotting, theory
 from quartic.runs import RunDir, read_json, run_sweep, write_json_atomic
+from quartic.tasks import token_world as tw
 
 TITLE = (
     "Defences at equal task loss on the rotating curved family: plain, projections, curvature-aware"
 )
-QUICK_SECONDS = 45
+QUICK_SECONDS = 120  # 45 s on the curved family + ~90 s for 2 transformer tasks (load ~3)
 
 #: The runs drawn as Δu(t) curves (the others are in the equal-progress panel).
 CURVES = (
@@ -73,10 +81,39 @@ class Config:
     lora_random_ranks: tuple[int, ...] = (20, 30)
     only: tuple[str, ...] = ()  # run only these defences (by name); empty: all
     seed: int = 0
+    # the small transformer (quartic.collapse_tasks, docs/defences.md §5); () leaves it out
+    transformer_tasks: tuple[str, ...] = tw.BENIGN_TASKS
+    transformer_preset: str = "2k"
+    transformer_category: int = 0
+    transformer_rank: int = 10
+    transformer_lr_lambda: float = 0.5  # η·λ_max(Hessian of the trained parameters at θ*)
+    transformer_ref_steps: int = 100  # equal progress: plain's task loss after this many steps
+    transformer_num_steps: int = 200
+    transformer_every: int = 25  # periodic projection
+    transformer_anchor: float = 0.5  # L2 anchor μ = this / t_ref (t_ref = η·ref_steps)
+    transformer_replay: float = 1.0  # replay weight w = this · λ_max(H_FT) / λ_1(F)
+    transformer_lowrank: int = 4  # LoRA-like: the fixed Krylov subspace of L_FT at θ* (0: none)
+    transformer_lora_rank: int = 2  # LoRA (A B on every dense kernel), its own η
+    transformer_tracked: bool = True  # tracked projection and retraction (d + 2 HVPs a step)
 
     @classmethod
     def quick(cls) -> Config:
-        return cls(num_seeds=5, sweep_curvatures=(0.0, 0.5, 1.0, 3.0))
+        return cls(
+            num_seeds=5,
+            sweep_curvatures=(0.0, 0.5, 1.0, 3.0),
+            transformer_tasks=("sort", "addition"),
+            transformer_ref_steps=60,
+            transformer_num_steps=120,
+            transformer_lowrank=0,
+            transformer_tracked=False,
+        )
+
+    def __post_init__(self):
+        unknown = sorted(set(self.transformer_tasks) - set(tw.BENIGN_TASKS))
+        if unknown:
+            raise q.QuarticError(f"unknown task(s) {unknown}; choose from {list(tw.BENIGN_TASKS)}")
+        if not 0 < self.transformer_ref_steps < self.transformer_num_steps:
+            raise q.QuarticError("need 0 < transformer_ref_steps < transformer_num_steps")
 
     def spec(self, tail: float = 0.0) -> q.QuadraticSpec:
         return q.QuadraticSpec(
@@ -87,11 +124,36 @@ class Config:
         every = self._all_defences()
         if not self.only:
             return every
-        names = {d.name for d in every}
+        self._check_only()
+        return [d for d in every if d.name in self.only]
+
+    def transformer_defences(self) -> list[str]:
+        """The transformer setting's defences, by name (built per task: :func:`_tx_defence`)."""
+        names = [
+            "plain",
+            "fixed_projection",
+            f"periodic_projection_k{self.transformer_every}",
+            f"anchor_tref{self.transformer_anchor:g}",
+            f"replay_c{self.transformer_replay:g}",
+            f"lora_r{self.transformer_lora_rank}",
+            "retraction",
+        ]
+        if self.transformer_lowrank:
+            names.insert(5, f"lowrank_krylov_r{self.transformer_lowrank}")
+        if self.transformer_tracked:
+            names += ["tracked_projection", "tracked_retraction"]
+        if not self.only:
+            return names
+        self._check_only()
+        return [n for n in names if n in self.only]
+
+    def _check_only(self):
+        names = {d.name for d in self._all_defences()}
+        if self.transformer_tasks:
+            names |= set(dataclasses.replace(self, only=()).transformer_defences())
         unknown = set(self.only) - names
         if unknown:
             raise q.QuarticError(f"unknown defences {sorted(unknown)}; known: {sorted(names)}")
-        return [d for d in every if d.name in self.only]
 
     def _all_defences(self) -> list[D.Defence]:
         return [
@@ -273,6 +335,283 @@ def theory_unit(config: Config) -> dict:
 
 
 # ----------------------------------------------------------------------------------------------
+# The small transformer (docs/defences.md §5). Every program takes the task's data as arguments:
+# one compilation per defence serves every task.
+
+
+def _tx_setup(config: Config):
+    spec = collapse_tasks.TransformerSpec(config.transformer_preset, config.transformer_category)
+    return collapse_tasks.aligned_setup(spec)
+
+
+@cache
+def _tx_lora(config: Config):
+    """``(φ₀, θ(φ))`` of LoRA on every dense kernel (the key convention of ``collapse``)."""
+    r = config.transformer_lora_rank
+    return collapse.lora_reparam(_tx_setup(config), r, jax.random.PRNGKey(r))
+
+
+def _tx_defence(config: Config, name: str, scale=1.0) -> D.Defence:
+    """The defence ``name`` with its per-task strength ``scale`` (the anchor's μ, the replay
+    weight w; traced inside the runner, so one program serves every task)."""
+    if name == "plain":
+        return D.Plain()
+    if name == "fixed_projection":
+        return D.FixedProjection()
+    if name.startswith("periodic_projection"):
+        return D.PeriodicProjection(every=config.transformer_every)
+    if name.startswith("anchor"):
+        return D.Anchor(mu=scale)
+    if name.startswith("replay"):
+        return D.Replay(weight=scale)
+    if name.startswith("lowrank_krylov"):
+        return D.LowRank(lora_rank=config.transformer_lowrank, basis="krylov")
+    if name.startswith("lora"):
+        phi0, theta_of = _tx_lora(config)
+        return D.Reparametrised(theta_of=theta_of, phi0=phi0, label=name)
+    if name == "retraction":
+        return D.Retraction(tracked=False)
+    if name == "tracked_projection":
+        return D.TrackedProjection()
+    if name == "tracked_retraction":
+        return D.Retraction(tracked=True)
+    raise q.QuarticError(f"unknown transformer defence {name!r}")
+
+
+@cache
+def _tx_runner(config: Config, name: str):
+    setup = _tx_setup(config)
+
+    def one(theta_star, batch, kl_data, lr, subspace, scale):
+        losses = collapse_tasks.losses(setup, theta_star, batch, kl_data)
+        defence = _tx_defence(config, name, scale)
+        return D.run_defence(
+            defence,
+            losses,
+            config.transformer_rank,
+            lr,
+            config.transformer_num_steps,
+            subspace=subspace,
+        )
+
+    return jax.jit(one)
+
+
+@cache
+def _tx_diagnose_fn(config: Config):
+    """M(θ*) by Lanczos, and what explains a projection's floor, along plain GD to the reference
+    step: the first-order leak coefficients at θ*, ½gᵀFg (plain) and ½g⊥ᵀFg⊥ (g⊥ = (I − P)g, what
+    any rank-d projection keeps), the quadratic form ½δᵀFδ of the plain displacement at the
+    reference split into its M part and its tail part ½(P⊥δ)ᵀF(P⊥δ), Δu there, and how far M
+    has turned by then: the largest principal angle between M(θ_ref) and M(θ*) (sensitive to a
+    swap of the d-th and (d+1)-th eigenvectors when their gap is small), the mean squared cosine
+    ‖B*ᵀB_ref‖²_F/d, and the share of M(θ_ref)'s eigenvalue mass that M(θ*) captures. F is the
+    exact Hessian of the KL at θ* (at θ_ref: of the KL at θ_ref)."""
+    setup = _tx_setup(config)
+    rank, ref = config.transformer_rank, config.transformer_ref_steps
+
+    def diagnose(theta_star, batch, kl_data, lr):
+        losses = collapse_tasks.losses(setup, theta_star, batch, kl_data)
+        grad = jax.grad(losses.ft_loss_fn)
+        g = grad(theta_star)
+        theta_ref = jax.lax.fori_loop(0, ref, lambda _, th: th - lr * grad(th), theta_star)
+        # one Lanczos body for both points, one batched HVP for every quadratic form: each
+        # inlined transformer HVP costs seconds of compile time
+        bases, values = jax.lax.map(
+            lambda th: D.sensitive_subspace(losses, rank, theta=th),
+            jnp.stack([theta_star, theta_ref]),
+        )
+        basis, b_ref = bases[0], bases[1]
+        cos2 = (basis.T @ b_ref) ** 2  # [i, j]: M(θ*)'s i-th vs M(θ_ref)'s j-th eigenvector
+        proj = lambda v: basis @ (basis.T @ v)
+        delta = theta_ref - theta_star
+        vecs = jnp.stack([g, g - proj(g), delta, proj(delta), delta - proj(delta)])
+        fvecs = jax.vmap(curvature.hvp_fn(losses.align_loss_fn, theta_star))(vecs)
+        forms = 0.5 * jnp.sum(vecs * fvecs, axis=1)
+        resid = b_ref - proj(b_ref)
+        out = {
+            "eigenvalues": values[0],
+            "grad_norm": jnp.linalg.norm(g),
+            "ortho_ratio": jnp.linalg.norm(basis.T @ g) / jnp.linalg.norm(g),
+            "leak_plain": forms[0],
+            "leak_tail": forms[1],
+            "delta_norm_ref": jnp.linalg.norm(delta),
+            "overlap_ref": jnp.linalg.norm(basis.T @ delta) / jnp.linalg.norm(delta),
+            "quad_ref": forms[2],
+            "quad_m_ref": forms[3],
+            "quad_tail_ref": forms[4],
+            "delta_u_ref": losses.delta_u(theta_ref),
+            "angle_ref": jnp.arcsin(jnp.clip(jnp.linalg.norm(resid, 2), 0.0, 1.0)),
+            "overlap_subspace_ref": jnp.sum(cos2) / rank,
+            "overlap_fisher_ref": jnp.sum(values[1] * jnp.sum(cos2, 0)) / jnp.sum(values[1]),
+        }
+        return (basis, values[0]), out
+
+    return jax.jit(diagnose)
+
+
+@cache
+def _tx_lora_lambda_fn(config: Config):
+    """λ_max of LoRA's own Hessian ∇²_φ L_FT(θ(φ)) at φ₀ (its step size is lr_λ over this)."""
+    setup = _tx_setup(config)
+    phi0, theta_of = _tx_lora(config)
+
+    def top(batch):
+        mv = curvature.hvp_fn(lambda p: setup.lm_fn(theta_of(p), batch), phi0)
+        _, w = D.top_subspace(mv, jnp.ones_like(phi0), 1, collapse_tasks.LAMBDA_ITERS)
+        return w[0]
+
+    return jax.jit(top)
+
+
+@cache
+def _tx_prelude(config: Config, task: str) -> dict:
+    """Per task: η, M(θ*), the plain run (it fixes the equal-progress target), the per-task
+    strengths of the anchor and the replay, LoRA's η, and the diagnostics."""
+    setup = _tx_setup(config)
+    batch, kl = setup.task_batch(task), setup.align_data["kl"]
+    lam = collapse_tasks.lambda_max_ft(setup, batch)
+    lr = config.transformer_lr_lambda / lam
+    subspace, diag = _tx_diagnose_fn(config)(setup.theta, batch, kl, lr)
+    diag = {k: np.asarray(v).tolist() for k, v in jax.device_get(diag).items()}
+    plain = jax.device_get(_tx_runner(config, "plain")(setup.theta, batch, kl, lr, subspace, 0.0))
+    ref = config.transformer_ref_steps
+    t_ref = lr * ref
+    lam_lora = float(_tx_lora_lambda_fn(config)(batch))
+    return {
+        "batch": batch,
+        "subspace": subspace,
+        "plain": plain,
+        "lambda_max_ft": lam,
+        "lr": lr,
+        "target": float(plain.ft_loss[ref]),
+        "t_ref": t_ref,
+        "anchor_mu": config.transformer_anchor / t_ref,
+        "replay_weight": config.transformer_replay * lam / diag["eigenvalues"][0],
+        "lambda_max_lora": lam_lora,
+        "lr_lora": config.transformer_lr_lambda / lam_lora,
+        "diagnostics": diag,
+    }
+
+
+def transformer_diagnostics_unit(config: Config, task: str) -> dict:
+    pre = _tx_prelude(config, task)
+    keys = ("lambda_max_ft", "lr", "target", "t_ref", "anchor_mu", "replay_weight")
+    return {
+        "task": task,
+        **{k: pre[k] for k in keys},
+        "lambda_max_lora": pre["lambda_max_lora"],
+        "lr_lora": pre["lr_lora"],
+        "ft_loss0": float(pre["plain"].ft_loss[0]),
+        **pre["diagnostics"],
+    }
+
+
+def transformer_unit(config: Config, task: str, name: str) -> dict:
+    pre = _tx_prelude(config, task)
+    setup = _tx_setup(config)
+    lr = pre["lr_lora"] if name.startswith("lora") else pre["lr"]
+    scale = {"anchor": pre["anchor_mu"], "replay": pre["replay_weight"]}.get(name.split("_")[0])
+    if name == "plain":
+        run = pre["plain"]
+    else:
+        runner = _tx_runner(config, name)
+        kl = setup.align_data["kl"]
+        args = (setup.theta, pre["batch"], kl, lr, pre["subspace"], scale or 0.0)
+        run = jax.device_get(runner(*args))
+    ft, du = np.asarray(run.ft_loss), np.asarray(run.delta_u)
+    if not np.all(run.finite):
+        k = int(np.argmin(run.finite))
+        raise q.DivergenceError(f"{name} diverged on the transformer task {task} at step {k}")
+    at = D.at_target(ft, du, pre["target"], pre["target"])
+    fit = D.fitted_slope(du, lr, at.steps, decades=1.0) if at.reached else None
+    defence = _tx_defence(config, name)
+    cost = defence.cost(setup.n, config.transformer_rank)
+    idx = _curve_indices(config.transformer_num_steps, 80)
+    return {
+        "setting": "transformer",
+        "task": task,
+        "defence": name,
+        "curvature_aware": defence.curvature_aware,
+        "hvps_per_step": cost.hvps_per_step,
+        "grads_per_step": cost.grads_per_step,
+        "setup_hvps": cost.setup_hvps,
+        "lr": lr,
+        "scale": scale,
+        "per_seed": [
+            {
+                "task": task,
+                "reached": at.reached,
+                "steps": at.steps if at.reached else None,
+                "t": lr * at.steps if at.reached else None,
+                "delta_u": at.delta_u if at.reached else None,
+                "best_fraction": at.best_fraction,
+                "slope": fit.exponent if fit is not None else None,
+                "angle": None,
+            }
+        ],
+        "curve": {
+            "step": idx.tolist(),
+            "t_lambda": (lr * pre["lambda_max_ft"] * idx).tolist(),
+            "delta_u": du[idx].tolist(),
+            "ft_loss": ft[idx].tolist(),
+            "target": pre["target"],
+        },
+    }
+
+
+def _tx_assemble(units: dict, config_tasks=None) -> dict:
+    """The per-(task, defence) units as one pseudo-unit per defence whose ``per_seed`` runs over
+    the tasks (in the order of ``config_tasks`` when given), for :func:`summarise_setting`."""
+    out: dict[str, dict] = {}
+    rows = [r for r in units.values() if r.get("setting") == "transformer"]
+    order = list(config_tasks) if config_tasks else sorted({r["task"] for r in rows})
+    rows.sort(key=lambda r: order.index(r["task"]) if r["task"] in order else len(order))
+    for r in rows:
+        agg = out.setdefault(r["defence"], {**r, "per_seed": []})
+        agg["per_seed"] = agg["per_seed"] + r["per_seed"]
+    tasks_by_defence = {k: [s["task"] for s in v["per_seed"]] for k, v in out.items()}
+    # only the tasks every defence has (a failed unit must not shift the per-task ratios)
+    common = set.intersection(*map(set, tasks_by_defence.values())) if out else set()
+    for v in out.values():
+        v["per_seed"] = [s for s in v["per_seed"] if s["task"] in common]
+    return {f"transformer__{k}": v for k, v in out.items()}
+
+
+def summarise_transformer(units: dict, config: Config | None = None) -> dict | None:
+    tasks = config.transformer_tasks if config is not None else None
+    assembled = _tx_assemble(units, tasks)
+    if not assembled:
+        return None
+    defences = summarise_setting(assembled, "transformer")
+    diag = {
+        r["task"]: r
+        for k, r in units.items()
+        if k.startswith("transformer_") and "ortho_ratio" in r
+    }
+    plain_du = {s["task"]: s["delta_u"] for s in assembled["transformer__plain"]["per_seed"]}
+    fixed = assembled.get("transformer__fixed_projection")
+    tail_ratio = []
+    if fixed is not None:
+        for s in fixed["per_seed"]:
+            d = diag.get(s["task"])
+            if d is not None and s["delta_u"] is not None and d["quad_tail_ref"] > 0:
+                tail_ratio.append(s["delta_u"] / d["quad_tail_ref"])
+    per_task = {
+        name: {s["task"]: s["delta_u"] for s in r["per_seed"]}
+        for name, r in ((k.split("__", 1)[1], v) for k, v in assembled.items())
+    }
+    return {
+        "tasks": [s["task"] for s in assembled["transformer__plain"]["per_seed"]],
+        "defences": defences,
+        "per_task_delta_u": per_task,
+        "plain_delta_u": plain_du,
+        "fixed_over_plain_tail_part": _stats(tail_ratio),
+        "diagnostics": diag,
+    }
+
+
+# ----------------------------------------------------------------------------------------------
 
 
 def _units(config: Config):
@@ -283,6 +622,17 @@ def _units(config: Config):
                 continue
             name = f"{setting}__{defence.name}"
             units.append((name, lambda s=setting, d=defence: defence_unit(config, s, d)))
+    for task in config.transformer_tasks:
+        units.append(
+            (f"transformer_{task}", lambda t=task: transformer_diagnostics_unit(config, t))
+        )
+        for name in config.transformer_defences():
+            units.append(
+                (
+                    f"transformer_{task}__{name}",
+                    lambda t=task, n=name: transformer_unit(config, t, n),
+                )
+            )
     return units
 
 
@@ -367,6 +717,15 @@ def run(config: Config, out_dir: pathlib.Path) -> dict:
         },
         "settings": settings,
         "theory": res.get("theory"),
+        "transformer": summarise_transformer(res, config) if config.transformer_tasks else None,
+        "transformer_params": {
+            "preset": config.transformer_preset,
+            "category": config.transformer_category,
+            "rank": config.transformer_rank,
+            "lr_lambda": config.transformer_lr_lambda,
+            "ref_steps": config.transformer_ref_steps,
+            "num_steps": config.transformer_num_steps,
+        },
     }
     write_json_atomic(out_dir / "summary.json", summary)
     return summary
@@ -455,8 +814,50 @@ def table(summary: dict) -> list[dict]:
                     verdict="",
                 )
             )
+    rows.extend(_transformer_rows(summary.get("transformer")))
     for row in rows:
         row["experiment"] = "defences"
+    return rows
+
+
+def _median(stats: dict | None) -> str:
+    return "–" if not stats or stats.get("median") is None else f"{stats['median']:.2f}"
+
+
+def _transformer_rows(tx: dict | None) -> list[dict]:
+    if not tx:
+        return []
+    n = len(tx["tasks"])
+    rows = []
+    for name, r in tx["defences"].items():
+        cost = f"{r['hvps_per_step']:g} HVP/step" + (
+            f", {r['setup_hvps']} once" if r["setup_hvps"] else ""
+        )
+        measured = (
+            f"{_fmt(r['delta_u'])}; plain/Δu {_fmt(r['plain_over'])}; slope {_median(r['slope'])}"
+        )
+        if r["reached"] < r["num_seeds"]:
+            measured += (
+                f"; reached on {r['reached']} of {n} (least progress {r['best_fraction_min']:.2f})"
+            )
+        rows.append(
+            dict(
+                quantity=f"[transformer, {n} tasks] Δu at equal task loss: {name} ({cost})",
+                theory="",
+                measured=measured,
+                verdict="",
+            )
+        )
+    tail = tx.get("fixed_over_plain_tail_part")
+    if tail and tail.get("median") is not None:
+        rows.append(
+            dict(
+                quantity="[transformer] Δu(fixed projection) / ½(P⊥δ)ᵀF(P⊥δ), δ plain's step at the target",
+                theory="≈ 1: the Fisher mass outside M is what a rank-d projection leaves",
+                measured=_fmt(tail),
+                verdict="",
+            )
+        )
     return rows
 
 
@@ -469,7 +870,8 @@ def plot(out_dir: pathlib.Path, fig_dir: pathlib.Path) -> list[pathlib.Path]:
     summary = read_json(out_dir / "summary.json")
     th = units.get("theory")
     main = {r["defence"]: r for r in units.values() if r.get("setting") == "main"}
-    fig, axes = plotting.figure(2, 2, size=(5.0, 3.8))
+    tx_units = {k: r for k, r in units.items() if r.get("setting") == "transformer"}
+    fig, axes = plotting.figure(3 if tx_units else 2, 2, size=(5.0, 3.8))
 
     ax = axes[0, 0]
     for i, name in enumerate(CURVES):
@@ -556,7 +958,59 @@ def plot(out_dir: pathlib.Path, fig_dir: pathlib.Path) -> list[pathlib.Path]:
     ax.set_title("task progress (seed 0)", fontsize=9)
     ax.legend(fontsize=5.5, ncol=2)
     ax.grid(alpha=0.3)
+    if tx_units:
+        _plot_transformer(axes[2], tx_units, summary.get("transformer"))
     return [plotting.save(fig, fig_dir / "defences.png")]
+
+
+def _plot_transformer(axes, tx_units: dict, tx: dict | None) -> None:
+    tasks = (tx or {}).get("tasks") or sorted({r["task"] for r in tx_units.values()})
+    first = tasks[0]
+    ax = axes[0]
+    rows = [r for r in tx_units.values() if r["task"] == first]
+    styles = ("-", "--", "-.", ":")
+    for i, r in enumerate(rows):
+        c = r["curve"]
+        k, du = np.asarray(c["step"]), np.asarray(c["delta_u"])
+        keep = du > 0
+        ls = styles[i % 4] if not r["curvature_aware"] else "-"
+        ax.plot(k[keep], du[keep], ls, lw=1.2, color=f"C{i % 10}", label=r["defence"])
+        s = r["per_seed"][0]
+        if s["reached"]:
+            ax.plot(s["steps"], s["delta_u"], "o", color=f"C{i % 10}", ms=3)
+    plotting.loglog(
+        ax,
+        "step k (η = lr_λ/λ_max(H_FT); LoRA: of its own Hessian)",
+        "Δu (KL drift)",
+        f"transformer, {first}: Δu along each run (dot: equal task loss)",
+    )
+    ax.legend(fontsize=5.5, ncol=2)
+    ax = axes[1]
+    if tx:
+        names = list(tx["defences"])
+        for j, task in enumerate(tasks):
+            for i, name in enumerate(names):
+                du = tx["per_task_delta_u"].get(name, {}).get(task)
+                if du is not None:
+                    ax.plot(
+                        du,
+                        i + 0.12 * (j - len(tasks) / 2),
+                        "o",
+                        color=f"C{j}",
+                        ms=3.5,
+                        label=task if i == 0 or name == names[0] else None,
+                    )
+        ax.set_yticks(range(len(names)))
+        ax.set_yticklabels(
+            [f"{n} ({tx['defences'][n]['hvps_per_step']:g} HVP)" for n in names], fontsize=6
+        )
+        ax.set_xscale("log")
+        handles, labels = ax.get_legend_handles_labels()
+        uniq = dict(zip(labels, handles, strict=True))
+        ax.legend(uniq.values(), uniq.keys(), fontsize=6)
+    ax.set_xlabel("Δu at equal task loss (plain's loss at the reference step)")
+    ax.set_title("transformer: equal progress, per task", fontsize=9)
+    ax.grid(alpha=0.3)
 
 
 if __name__ == "__main__":

@@ -9,7 +9,12 @@ log-uniform in ``u_range``. The crossing time is then predicted from θ* alone (
 (the second-order forecast re-made every ``check_every`` steps; the prediction available with
 ``lead`` of the time still to go), and compared with the simulated crossing.
 
-    quartic run forecast --quick        # about 40 s on a 2-core CPU
+The ``transformer`` family is the small aligned transformer (:mod:`quartic.collapse_tasks`): for
+every benign task, L_A = the KL drift on a harm category, L_FT = the task's LM loss, the same step
+rule and checks, θ* quantities by Lanczos (:func:`quartic.forecast.diagnose_lanczos`), and
+``transformer_thresholds`` thresholds per task, crossed at t·λ_max log-spaced in ``u_range``.
+
+    quartic run forecast --quick        # about 1 min on a 2-core CPU (45 s: 3 transformer tasks)
     -> median relative error of the crossing time per family and method; on the curved family
        monitoring beats the one-shot second-order forecast
 """
@@ -28,12 +33,13 @@ import numpy as np
 from matplotlib.ticker import NullFormatter
 
 import quartic as q
+from quartic import collapse_tasks, plotting, theory
 from quartic import forecast as fc
-from quartic import plotting, theory
 from quartic.runs import RunDir, read_json, run_sweep, write_json_atomic
+from quartic.tasks import token_world as tw
 
 TITLE = "Time-to-threshold forecasts (quartic, second-order, monitored, peer) vs simulation"
-QUICK_SECONDS = 40
+QUICK_SECONDS = 60
 
 METHODS = ("quartic", "second_order", "taylor", "monitored", "monitored_taylor", "peer")
 
@@ -49,7 +55,7 @@ class Config:
     tail: float = 0.05  # Fisher mass outside M of the leaky family
     curvature: float = 2.0  # ‖c‖ of the curved family
     quartic: float = 0.1  # β of the curved family's L_FT
-    families: tuple[str, ...] = ("quadratic", "leaky", "curved")
+    families: tuple[str, ...] = ("quadratic", "leaky", "curved", "transformer")
     num_problems: int = 50  # per family
     chunk: int = 25  # problems per unit of work (vmapped)
     u_range: tuple[float, float] = (0.1, 2.0)  # crossing at t·λ_max(H) in this range
@@ -58,19 +64,43 @@ class Config:
     lead: float = 0.5
     taylor_order: int = 4  # the exact Taylor forecast keeps c₁…c₄ of u(t)
     seed: int = 0
+    # the transformer family: one run per task, thresholds crossed at t·λ_max log-spaced in u_range
+    transformer_tasks: tuple[str, ...] = tw.BENIGN_TASKS
+    transformer_preset: str = "2k"
+    transformer_category: int = 0
+    transformer_rank: int = 10
+    transformer_thresholds: int = 6  # per task
+    transformer_lr_lambda: float = 0.04  # lr·λ_max(H_FT(θ*))
+    transformer_u_range: tuple[float, float] = (0.5, 16.0)  # crossing at t·λ_max in this range
+    transformer_taylor: bool = True  # the Taylor forecasts (jets of the transformer: slow compile)
 
     @classmethod
     def quick(cls) -> Config:
-        return cls(num_problems=20, chunk=20)
+        return cls(
+            num_problems=20,
+            chunk=20,
+            transformer_tasks=("sort", "lookup", "addition"),
+            transformer_taylor=False,
+        )
 
     def __post_init__(self):
-        bad = set(self.families) - {"quadratic", "leaky", "curved"}
+        bad = set(self.families) - {"quadratic", "leaky", "curved", "transformer"}
         if bad:
-            raise q.QuarticError(f"unknown families {sorted(bad)}: use quadratic, leaky, curved")
+            raise q.QuarticError(
+                f"unknown families {sorted(bad)}: use quadratic, leaky, curved, transformer"
+            )
+        unknown = sorted(set(self.transformer_tasks) - set(tw.BENIGN_TASKS))
+        if unknown:
+            raise q.QuarticError(f"unknown task(s) {unknown}; choose from {list(tw.BENIGN_TASKS)}")
 
     @property
     def num_checks(self) -> int:
         steps = self.u_range[1] / self.lr_lambda * 1.25
+        return int(math.ceil(steps / self.check_every))
+
+    @property
+    def transformer_num_checks(self) -> int:
+        steps = self.transformer_u_range[1] / self.transformer_lr_lambda * 1.25
         return int(math.ceil(steps / self.check_every))
 
 
@@ -147,62 +177,171 @@ def family_unit(config: Config, family: str, chunk_index: int) -> dict:
         one_diag = jax.tree.map(lambda x, i=i: x[i], diag)
         if not bool(one_run.finite):
             raise q.DivergenceError(f"{family} problem {start + i} diverged; lower lr_lambda")
-        du = np.asarray(one_run.delta_u)
-        k_thr = int(round(u[i] / config.lr_lambda))
-        threshold = float(du[k_thr])
-        if not threshold > 0:
-            raise q.QuarticError(f"{family} problem {start + i}: Δu = {threshold} at the threshold")
-        pred = fc.predictions(
-            one_run, one_diag, float(lrs[i]), threshold, config.lead, taylor_coefficients=taylor[i]
+        out.append(
+            _record(
+                config,
+                start + i,
+                u[i],
+                lam[i],
+                lrs[i],
+                one_run,
+                one_diag,
+                taylor[i],
+                start + i == 0,
+            )
         )
-        rec = {
-            "index": start + i,
-            "u": float(u[i]),
-            "lambda_max": float(lam[i]),
-            "lr": float(lrs[i]),
-            "threshold": threshold,
-            "simulated": pred.simulated,
-            **{m: getattr(pred, m) for m in METHODS},
-            "monitored_check_time": pred.monitored_check_time,
-            "errors": pred.relative_errors(),
-            "gamma_fisher": float(one_diag.gamma_fisher),
-            "eps_fisher": float(one_diag.eps_fisher),
-            "lambda_min_peer": fc.peer_lambda_min(one_diag.eigenvalues),
-            "taylor_coefficients": np.asarray(taylor[i]).tolist(),
-            "check_times": pred.check_times.tolist(),
-            "check_predictions": pred.check_predictions.tolist(),
-            "check_predictions_taylor": pred.check_predictions_taylor.tolist(),
-        }
-        if start + i == 0:
-            idx = np.unique(np.round(np.geomspace(1, du.shape[0] - 1, 150)).astype(int))
-            rec["curve"] = {
-                "t": (lrs[i] * idx).tolist(),
-                "delta_u": du[idx].tolist(),
-                "forecast": np.asarray(
-                    theory.Forecast(*one_diag.forecast).gd(idx, lrs[i])
-                ).tolist(),
-            }
-        out.append(rec)
     return {"family": family, "problems": out}
+
+
+def _record(
+    config: Config, index, u, lam, lr, run, diag, taylor, curve: bool, lr_lambda=None
+) -> dict:
+    """One problem: the threshold that the simulation crosses at t·λ_max = u, every prediction
+    of its crossing time and their errors (``taylor``: c₁…c_K at θ*, or None)."""
+    du = np.asarray(run.delta_u)
+    k_thr = int(round(u / (lr_lambda or config.lr_lambda)))
+    threshold = float(du[k_thr])
+    if not threshold > 0:
+        raise q.QuarticError(f"problem {index}: Δu = {threshold} at the threshold")
+    pred = fc.predictions(run, diag, float(lr), threshold, config.lead, taylor_coefficients=taylor)
+    tolist = lambda x: None if x is None else np.asarray(x).tolist()
+    rec = {
+        "index": index,
+        "u": float(u),
+        "lambda_max": float(lam),
+        "lr": float(lr),
+        "threshold": threshold,
+        "simulated": pred.simulated,
+        # a prediction that never crosses (inf) is stored as None: unit records are finite JSON
+        **{m: _finite_or_none(getattr(pred, m)) for m in METHODS},
+        "monitored_check_time": pred.monitored_check_time,
+        "errors": {k: _finite_or_none(v) for k, v in pred.relative_errors().items()},
+        "gamma_fisher": float(diag.gamma_fisher),
+        "eps_fisher": float(diag.eps_fisher),
+        "ortho_norm": float(diag.ortho_norm),
+        "lambda_min_peer": fc.peer_lambda_min(diag.eigenvalues),
+        "taylor_coefficients": tolist(taylor),
+        "check_times": pred.check_times.tolist(),
+        "check_predictions": [_finite_or_none(x) for x in pred.check_predictions],
+        "check_predictions_taylor": None
+        if pred.check_predictions_taylor is None
+        else [_finite_or_none(x) for x in pred.check_predictions_taylor],
+    }
+    if taylor is None:  # the Taylor forecasts were not run: no entry at all
+        for k in ("taylor", "monitored_taylor"):
+            del rec[k]
+        for k in ("taylor", "monitored_taylor", "monitored_taylor_remaining"):
+            del rec["errors"][k]
+    if curve:
+        idx = np.unique(np.round(np.geomspace(1, du.shape[0] - 1, 150)).astype(int))
+        rec["curve"] = {
+            "t": (lr * idx).tolist(),
+            "delta_u": du[idx].tolist(),
+            "forecast": np.asarray(theory.Forecast(*diag.forecast).gd(idx, lr)).tolist(),
+        }
+    return rec
+
+
+# ----------------------------------------------------------------------------------------------
+# The small transformer: one compiled program (diagnosis at θ* and the checked run) for every task
+
+
+def _tx_setup(config: Config):
+    spec = collapse_tasks.TransformerSpec(config.transformer_preset, config.transformer_category)
+    return collapse_tasks.aligned_setup(spec)
+
+
+@cache
+def _tx_simulate_fn(config: Config):
+    setup = _tx_setup(config)
+    taylor = config.taylor_order if config.transformer_taylor else None
+
+    def one(theta_star, batch, kl_data, lr, lam):
+        losses = collapse_tasks.losses(setup, theta_star, batch, kl_data)
+        a, f = losses.align_loss_fn, losses.ft_loss_fn
+        diag = fc.diagnose_lanczos(a, f, theta_star, config.transformer_rank, lam)
+        run = fc.simulate_with_checks(
+            a,
+            f,
+            theta_star,
+            lr,
+            config.transformer_num_checks,
+            config.check_every,
+            delta_u_fn=losses.delta_u_fn,
+            taylor_order=taylor,
+        )
+        return diag, run
+
+    return jax.jit(one)
+
+
+def transformer_unit(config: Config, task: str) -> dict:
+    """One benign task: ``transformer_thresholds`` problems (thresholds) on one simulated run."""
+    setup = _tx_setup(config)
+    batch = setup.task_batch(task)
+    lam = collapse_tasks.lambda_max_ft(setup, batch)
+    lr = config.transformer_lr_lambda / lam
+    diag, run = jax.device_get(
+        _tx_simulate_fn(config)(setup.theta, batch, setup.align_data["kl"], lr, lam)
+    )
+    if not bool(run.finite):
+        raise q.DivergenceError(f"transformer task {task} diverged; lower lr_lambda")
+    taylor = None if run.check_taylor is None else np.asarray(run.check_taylor[0])
+    us = np.geomspace(*config.transformer_u_range, config.transformer_thresholds)
+    base = config.transformer_tasks.index(task) * config.transformer_thresholds
+    out = [
+        {
+            "task": task,
+            **_record(
+                config,
+                base + j,
+                u,
+                lam,
+                lr,
+                run,
+                diag,
+                taylor,
+                j == 0,
+                config.transformer_lr_lambda,
+            ),
+        }
+        for j, u in enumerate(us)
+    ]
+    return {"family": "transformer", "task": task, "problems": out}
 
 
 def _units(config: Config):
     units = []
     num_chunks = -(-config.num_problems // config.chunk)
     for family in config.families:
+        if family == "transformer":
+            for task in config.transformer_tasks:
+                units.append((f"transformer_{task}", lambda t=task: transformer_unit(config, t)))
+            continue
         for c in range(num_chunks):
             units.append((f"{family}_{c:03d}", lambda f=family, c=c: family_unit(config, f, c)))
     return units
 
 
 def _finite_or_none(x: float):
+    x = float(x)
     return x if math.isfinite(x) else None
+
+
+def _error(p: dict, m: str) -> float:
+    """A problem's relative error for method ``m``; ``inf`` where it never predicted a crossing
+    (stored as None)."""
+    e = p["errors"][m]
+    return math.inf if e is None else e
 
 
 def summarise(problems: list[dict]) -> dict:
     out = {"num_problems": len(problems)}
     for m in (*METHODS, "monitored_remaining", "monitored_taylor_remaining"):
-        e = np.asarray([p["errors"][m] for p in problems], float)
+        if problems and not any(m in p["errors"] for p in problems):  # not run (Taylor, if off)
+            out[m] = {"median_rel_error": None, "q25": None, "q75": None, "never_predicted": 0}
+            continue
+        e = np.asarray([_error(p, m) for p in problems if m in p["errors"]], float)
         out[m] = {
             "median_rel_error": float(np.median(e)) if e.size else None,
             "q25": float(np.quantile(e, 0.25)) if e.size else None,
@@ -214,7 +353,7 @@ def summarise(problems: list[dict]) -> dict:
     late = [p for p in problems if p["monitored_check_time"] > 0]
     out["num_rechecked"] = len(late)
     for mon, one in (("monitored", "second_order"), ("monitored_taylor", "taylor")):
-        better = [p["errors"][mon] < p["errors"][one] for p in late]
+        better = [_error(p, mon) < _error(p, one) for p in late if one in p["errors"]]
         out[f"{mon}_better_when_rechecked"] = float(np.mean(better)) if better else None
     return out
 
@@ -243,6 +382,10 @@ def run(config: Config, out_dir: pathlib.Path) -> dict:
         "lead": config.lead,
         "check_every": config.check_every,
         "families": families,
+        "transformer_tasks": {
+            t: summarise([p for p in by_family.get("transformer", []) if p["task"] == t])
+            for t in dict.fromkeys(p["task"] for p in by_family.get("transformer", []))
+        },
         "all": everything,
         "acceptance_curved": acceptance,
     }
@@ -267,9 +410,24 @@ def table(summary: dict) -> list[dict]:
                     verdict="ok" if acc[key] else "OFF",
                 )
             )
+    tx = summary["families"].get("transformer")
+    if tx and tx["num_problems"]:
+        better = tx.get("monitored_better_when_rechecked")
+        share = f"; better on {better:.0%} of {tx['num_rechecked']} re-checked" if better else ""
+        rows.append(
+            dict(
+                quantity="transformer: median rel. error of t_c, monitored vs one-shot second_order",
+                theory="",
+                measured=f"{tx['monitored']['median_rel_error']:.3g} vs "
+                f"{tx['second_order']['median_rel_error']:.3g}{share}",
+                verdict="",
+            )
+        )
     for fam, r in summary["families"].items():
         for m in METHODS:
             e = r[m]
+            if e["median_rel_error"] is None:  # not run on this family
+                continue
             never = f", {e['never_predicted']} never" if e["never_predicted"] else ""
             rows.append(
                 dict(
@@ -313,24 +471,27 @@ def plot(out_dir: pathlib.Path, fig_dir: pathlib.Path) -> list[pathlib.Path]:
             ax.plot(t, c["delta_u"], "k-", lw=2, label="simulated Δu")
             ax.plot(t, np.abs(c["forecast"]), "C0--", label="2nd-order forecast (θ*)")
             ax.plot(t, first["gamma_fisher"] ** 2 / 8 * t**4, "C1:", label="γ_F² t⁴/8")
-            ck = np.asarray(first["taylor_coefficients"])
-            taylor = np.sum(ck * t[:, None] ** np.arange(1, ck.shape[0] + 1), axis=-1)
-            ax.plot(t, np.abs(taylor), "C2-", lw=0.8, label="Taylor Σc_k t^k (θ*)")
+            if first["taylor_coefficients"] is not None:
+                ck = np.asarray(first["taylor_coefficients"])
+                taylor = np.sum(ck * t[:, None] ** np.arange(1, ck.shape[0] + 1), axis=-1)
+                ax.plot(t, np.abs(taylor), "C2-", lw=0.8, label="Taylor Σc_k t^k (θ*)")
             peer = fc.peer_estimate(
                 t, first["gamma_fisher"], first["eps_fisher"], first["lambda_min_peer"]
             )
             ax.plot(t[peer > 0], peer[peer > 0], "C3-.", label="peer formula")
             ax.axhline(first["threshold"], color="0.5", lw=0.8)
             ax.axvline(first["simulated"], color="0.5", lw=0.8, ls=":")
-            plotting.loglog(ax, "t = lr·k", "Δu", f"{fam}: problem 0, threshold and t_c")
+            where = f" ({first['task']})" if "task" in first else ""
+            plotting.loglog(ax, "t = lr·k", "Δu", f"{fam}{where}: problem 0, threshold and t_c")
             ax.set_ylim(bottom=max(1e-14, min(c["delta_u"][1:]) * 0.1))
             ax.legend(fontsize=6)
         ax = axes[1, j]
         sim = np.asarray([p["simulated"] for p in probs])
         for m, mk in styles.items():
-            pred = np.asarray([p[m] for p in probs], float)
-            pred = np.where(np.isfinite(pred), pred, np.nan)
-            med = np.median([p["errors"][m] for p in probs])
+            if not any(m in p["errors"] for p in probs):  # not run (the Taylor forecasts, if off)
+                continue
+            pred = np.asarray([p.get(m) for p in probs], float)  # None (never) -> nan
+            med = np.median([_error(p, m) for p in probs])
             ax.plot(sim, pred, mk, ms=3.5, alpha=0.8, label=f"{m} (median err {med:.2g})")
         lo, hi = sim.min() * 0.5, sim.max() * 2
         ax.plot([lo, hi], [lo, hi], "k-", lw=0.8)
@@ -343,9 +504,12 @@ def plot(out_dir: pathlib.Path, fig_dir: pathlib.Path) -> list[pathlib.Path]:
             ("check_predictions", "C3", "monitored, 2nd order"),
             ("check_predictions_taylor", "C2", "monitored, Taylor"),
         ):
+            if any(p[key] is None for p in probs):
+                continue
             frac, err = [], []
             for p in probs:
-                ct, cp = np.asarray(p["check_times"]), np.asarray(p[key], float)
+                ct = np.asarray(p["check_times"])
+                cp = np.asarray([np.inf if x is None else x for x in p[key]], float)
                 keep = ct < p["simulated"]
                 frac.extend(ct[keep] / p["simulated"])
                 err.extend(np.abs(cp[keep] - p["simulated"]) / p["simulated"])

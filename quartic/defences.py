@@ -17,6 +17,8 @@ the sensitive subspace M, ``M(θ)`` the top-``rank`` eigenspace of the alignment
 - :class:`Replay`: ``θ ← θ − η (g + w ∇L_A)`` (alignment-data replay, no curvature).
 - :class:`LowRank`: ``θ ← θ − η U Uᵀ g``, a LoRA-like restriction of every update to a fixed
   r-dimensional subspace U (random, or the task's Krylov space ``span{g, Hg, …, H^{r−1}g}``).
+- :class:`Reparametrised`: gradient descent on φ with ``θ = θ(φ)``, ``θ(φ₀) = θ*`` — LoRA itself
+  when θ(φ) adds low-rank products to the weight matrices (:func:`quartic.collapse.lora_reparam`).
 - :class:`TrackedProjection` *(ours, curvature-aware)*: B = M(θ_k) re-estimated at every step by
   Lanczos warm-started from the previous basis; ``θ ← θ − η (I − P) g``.
 - :class:`Retraction` *(ours, curvature-aware)*: a projected step, then one Gauss–Newton step on
@@ -388,6 +390,41 @@ class LowRank(Defence):
         u = state.aux
         g = jax.grad(losses.ft_loss_fn)(state.theta)
         return self._sgd(state, u @ (u.T @ g))
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Reparametrised(Defence):
+    """Fine-tuning through a reparametrisation ``θ = θ(φ)`` with ``θ(φ₀) = θ*``: gradient descent
+    on φ, ``φ ← φ − η ∇_φ L_FT(θ(φ))``. With θ(φ) = θ* + (low-rank products AB added to the
+    weight matrices) this is LoRA itself (:func:`quartic.collapse.lora_reparam`), not the fixed
+    subspace of :class:`LowRank`: the reachable set is curved and the effective subspace moves
+    with A and B. Compared by identity (it holds an array); build it once per run.
+
+    Attributes: ``theta_of`` (``φ -> θ [n]``), ``phi0`` (φ₀), ``label`` (the reported name).
+    """
+
+    theta_of: Callable[[jax.Array], jax.Array] = None
+    phi0: Any = None
+    label: str = "reparametrised"
+
+    @property
+    def name(self) -> str:
+        return self.label
+
+    def cost(self, n, rank):
+        return Cost(0.0, 1.0, 0)
+
+    def init(self, losses, rank, lr, subspace=None):
+        if self.theta_of is None or self.phi0 is None:
+            raise QuarticError("Reparametrised needs theta_of and phi0")
+        state = super().init(losses, rank, lr)
+        return state._replace(theta=self.theta_of(self.phi0), aux=self.phi0)
+
+    def step(self, losses, state):
+        phi = state.aux
+        g_phi = jax.grad(lambda p: losses.ft_loss_fn(self.theta_of(p)))(phi)
+        phi = phi - state.lr * g_phi
+        return state._replace(theta=self.theta_of(phi), step=state.step + 1, aux=phi)
 
 
 @dataclasses.dataclass(frozen=True)

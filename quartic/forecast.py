@@ -15,8 +15,9 @@ threshold along full-batch fine-tuning (gradient descent, step η, time ``t = η
 
 :func:`simulate_with_checks` runs fine-tuning and the checks in one ``lax.scan``;
 :func:`forecast_crossing` does everything for any flat ``(align_loss_fn, ft_loss_fn, θ*)``, so
-the same comparison runs on the transformer tasks. ``docs/forecast.md`` has the definitions and the
-measured errors.
+the same comparison runs on the transformer tasks; :func:`diagnose_lanczos` gives the θ*
+quantities without a dense matrix (the transformer family of ``experiments/forecast.py``).
+``docs/forecast.md`` has the definitions and the measured errors.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from quartic import aic, curvature, theory
+from quartic import aic, curvature, defences, theory
 from quartic.errors import QuarticError
 
 # ----------------------------------------------------------------------------------------------
@@ -170,6 +171,35 @@ def diagnose_dense(
         jnp.linalg.norm(sq * (basis.T @ g)),
         jnp.linalg.norm(basis.T @ g),
         jnp.linalg.eigvalsh(curvature.symmetrize(h_ft))[-1],
+    )
+
+
+def diagnose_lanczos(
+    align_loss_fn: Callable,
+    ft_loss_fn: Callable,
+    theta: jax.Array,
+    rank: int,
+    lambda_max_ft,
+    num_iters: int | None = None,
+) -> Diagnosis:
+    """:class:`Diagnosis` at θ by Lanczos on the exact Hessian of L_A (any n; jit-compatible):
+    M and its eigenvalues from ``num_iters`` HVPs (default ``min(n, 3·rank + 10)``, cold start,
+    :func:`quartic.defences.sensitive_subspace`), plus the 3 HVPs of the forecast. ``lambda_max_ft``
+    is passed in (the caller needs it first, for the step size)."""
+    losses = defences.Losses(align_loss_fn, ft_loss_fn, theta)
+    basis, lam = defences.sensitive_subspace(losses, rank, num_iters, theta=theta)
+    g = jax.grad(ft_loss_fn)(theta)
+    grad_a = jax.grad(align_loss_fn)(theta)
+    hg = curvature.hvp(ft_loss_fn, theta, g)
+    sq = jnp.sqrt(jnp.clip(lam, 0.0))
+    fc = theory.Forecast.from_vectors(grad_a, curvature.hvp_fn(align_loss_fn, theta), g, hg)
+    return Diagnosis(
+        fc,
+        lam,
+        jnp.linalg.norm(sq * (basis.T @ hg)),
+        jnp.linalg.norm(sq * (basis.T @ g)),
+        jnp.linalg.norm(basis.T @ g),
+        jnp.asarray(lambda_max_ft, theta.dtype),
     )
 
 

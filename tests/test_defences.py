@@ -170,6 +170,22 @@ def test_low_rank_and_coupling_penalty_steps():
     assert float(jnp.linalg.norm(basis.T @ st.theta)) > 1e-4
 
 
+def test_reparametrised_linear_map_is_the_low_rank_restriction():
+    """θ(φ) = θ* + Uφ with U orthonormal: gradient descent on φ is exactly the fixed-subspace
+    update θ ← θ − ηUUᵀg of LowRank (with the same U); LoRA differs only by curving θ(φ)."""
+    prob, _ = _curved(seed=6)
+    losses = D.Losses.of(prob)
+    low = D.LowRank(lora_rank=3, basis="random", seed=7)
+    u = low.init(losses, RANK, 0.01).aux
+    rep = D.Reparametrised(
+        theta_of=lambda p: prob.theta_star + u @ p, phi0=jnp.zeros(3, u.dtype), label="linear"
+    )
+    a, b = _run(rep, losses, RANK, 0.01, 25), _run(low, losses, RANK, 0.01, 25)
+    np.testing.assert_allclose(a.theta, b.theta, rtol=0, atol=1e-13)
+    np.testing.assert_allclose(a.delta_u, b.delta_u, rtol=1e-10, atol=1e-300)
+    assert rep.name == "linear" and rep.cost(N, RANK) == D.Cost(0.0, 1.0, 0)
+
+
 def test_defences_experiment_smoke_and_acceptance(tmp_path: pathlib.Path):
     """The experiment, small: at equal task loss (50 % of the excess removed) on the rotating
     curved family, the best curvature-aware defence leaves ≥ 10× less Δu than plain fine-tuning
@@ -186,6 +202,7 @@ def test_defences_experiment_smoke_and_acceptance(tmp_path: pathlib.Path):
         "num_steps=300",
         "lr=0.002",
         "only=plain,fixed_projection,retraction",
+        "transformer_tasks=",  # the transformer setting runs in `quartic run defences --quick`
     ]
     assert cli.main(args + overrides) == 0
     summary = read_json(out / "summary.json")

@@ -104,6 +104,20 @@ def test_forecast_crossing_on_a_generic_problem():
     assert math.isnan(pred.taylor) and report.rank == RANK
 
 
+def test_diagnose_lanczos_matches_the_dense_diagnosis():
+    """The Lanczos diagnosis (the transformer family's) equals the dense one when the Krylov
+    space is the whole space (n = 12 ≤ 3·d + 10): same M, eigenvalues, γ_F, ε_F, forecast."""
+    prob, _ = _quadratic(4, leak=0.1)
+    a, f, th = prob.align_loss_fn, prob.ft_loss_fn, prob.theta_star
+    dense = jax.jit(lambda: fc.diagnose_dense(a, f, th, RANK))()
+    lanczos = jax.jit(lambda: fc.diagnose_lanczos(a, f, th, RANK, dense.lambda_max_ft))()
+    for name in ("eigenvalues", "gamma_fisher", "eps_fisher", "ortho_norm", "lambda_max_ft"):
+        np.testing.assert_allclose(getattr(lanczos, name), getattr(dense, name), rtol=1e-9)
+    for got, want in zip(lanczos.forecast, dense.forecast, strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-9, atol=1e-14)
+    assert float(dense.eps_fisher) > 1e-3  # the leak is seen by both
+
+
 def test_forecast_experiment_smoke_and_monitoring(tmp_path: pathlib.Path):
     """The experiment, small; on the rotating curved family monitoring (re-diagnosing every 20
     steps, the forecast available with half the time to go) beats the one-shot forecasts."""

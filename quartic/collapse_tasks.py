@@ -1,0 +1,98 @@
+"""The aligned small transformer as a family of problems (L_A, L_FT), one per benign task.
+
+For the experiments that run quartic's generic machinery (:mod:`quartic.defences`,
+:mod:`quartic.forecast`) on the transformer of :mod:`quartic.collapse`:
+
+- θ* is built by :func:`quartic.training.make_aligned_model` (cached on disk) once per process and
+  :class:`TransformerSpec`, exactly as ``experiments/transformer_collapse.py`` builds it;
+- the alignment loss is the **KL drift** from θ*'s own answers on the harm category
+  (``CollapseSetup.align_fns["kl"]``): ``Δu = L_A`` exactly, its gradient at θ* is exactly 0 and
+  its Hessian there is exactly the true Fisher (THEORY.md §3), so the AIC premise holds by
+  construction and the exact Hessian of L_A is the alignment curvature;
+- the fine-tuning loss is one benign task's LM loss on its train batch.
+
+Every function takes the task data as an argument (:func:`losses` is meant to be called inside a
+trace), so one compiled program serves every task: the task batches share a shape. Compiled
+helpers are kept in the setup's ``_compiled`` dict (as :mod:`quartic.collapse` does).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from quartic import collapse, curvature
+from quartic import defences as D
+from quartic.models import TransformerConfig
+from quartic.tasks import token_world as tw
+
+#: Lanczos steps for λ_max(H_FT) at θ* (the top eigenvalue of a 2k-parameter LM Hessian converges
+#: to float64 precision well within this).
+LAMBDA_ITERS = 30
+
+
+@dataclasses.dataclass(frozen=True)
+class TransformerSpec:
+    """Which aligned transformer: the model preset, the harm category whose skill defines L_A, and
+    the seeds of the token world and of the model (those of ``transformer_collapse``)."""
+
+    preset: str = "2k"
+    category: int = 0
+    world_seed: int = 0
+    model_seed: int = 0
+
+
+@functools.cache
+def aligned_setup(spec: TransformerSpec) -> collapse.CollapseSetup:
+    """θ* with its losses (:class:`quartic.collapse.CollapseSetup`), once per process and spec."""
+    from quartic.training import make_aligned_model  # heavy import, only when a transformer runs
+
+    jax.config.update("jax_enable_x64", True)
+    world = tw.TokenWorld(tw.WorldConfig(seed=spec.world_seed))
+    model_cfg = TransformerConfig.preset(
+        spec.preset,
+        vocab_size=world.vocab_size,
+        seq_len=world.config.seq_len,
+        param_dtype="float64",
+    )
+    aligned = make_aligned_model(model_cfg, world, seed=spec.model_seed, progress=False)
+    return collapse.CollapseSetup(aligned.apply_fn, aligned.theta_star, world, spec.category)
+
+
+def losses(
+    setup: collapse.CollapseSetup, theta_star: jax.Array, batch: dict, kl_data: dict
+) -> D.Losses:
+    """The flat pair (KL drift on the skill, LM loss on ``batch``) as :class:`quartic.defences.Losses`,
+    closing over *traced* data: call it inside the jitted function that receives ``batch`` and
+    ``kl_data`` (``setup.align_data["kl"]``) as arguments. ``delta_u_fn`` is the KL itself."""
+    kl_fn, lm_fn = setup.align_fns["kl"], setup.lm_fn
+
+    def align(th):
+        return kl_fn(th, kl_data)
+
+    return D.Losses(align, lambda th: lm_fn(th, batch), theta_star, delta_u_fn=align)
+
+
+def task_batches(setup: collapse.CollapseSetup, tasks) -> dict[str, dict]:
+    """Each task's train batch (device arrays); all share one shape."""
+    return {t: setup.task_batch(t) for t in tasks}
+
+
+def lambda_max_ft(setup: collapse.CollapseSetup, batch: dict, theta=None) -> float:
+    """``λ_max(H_FT)`` at θ (default θ*) by :data:`LAMBDA_ITERS` Lanczos steps (one compiled
+    program for every task)."""
+    key = ("collapse_tasks.lambda_max", LAMBDA_ITERS)
+    if key not in setup._compiled:
+        lm_fn = setup.lm_fn
+
+        def top(th, b):
+            mv = curvature.hvp_fn(lambda x: lm_fn(x, b), th)
+            _, w = D.top_subspace(mv, jnp.ones_like(th), 1, LAMBDA_ITERS)
+            return w[0]
+
+        setup._compiled[key] = jax.jit(top)
+    th = setup.theta if theta is None else theta
+    return float(setup._compiled[key](th, batch))
