@@ -39,7 +39,7 @@ class Timing:
     median_s: float
     compile_s: float
     times_s: list[float]
-    peak_bytes: int | None = None  # XLA buffer assignment: arguments + outputs + temporaries
+    peak_bytes: int | None = None  # XLA buffer assignment: args + outputs + temps − aliased
     output: Any = None  # the last call's result (not serialised)
 
     def to_dict(self) -> dict:
@@ -58,7 +58,8 @@ def _peak_bytes(compiled) -> int | None:
         return None
     if m is None:
         return None
-    return int(m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes)
+    alias = getattr(m, "alias_size_in_bytes", 0) or 0  # donated inputs reused as outputs
+    return int(m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes - alias)
 
 
 def time_jit(

@@ -4,7 +4,9 @@
 ``loss_fn(params, batch)``: chunks of ``chunk_size`` steps are one jitted ``lax.scan`` (compiled
 once per ``(loss_fn, optimizer, batch_size, chunk_size)`` and data shape, and reused across calls),
 a tqdm bar shows the ETA, and a non-finite loss, gradient or update stops the run with
-:class:`TrainingDivergedError`, which carries the parameters of the last finite step.
+:class:`TrainingDivergedError`, which carries the parameters of the last finite step. Parameters
+and optimizer state are *donated* to each chunk (``donate=True``): the device holds one copy of
+the training state, not two (the caller's arrays are copied once first and stay valid).
 
 :func:`minimize_full_batch` is a full-batch L-BFGS (Armijo / approximate-Wolfe backtracking) on the
 flat parameter vector, with jitted evaluations and a Python-driven line search.
@@ -135,8 +137,11 @@ def _all_finite(tree) -> jax.Array:
 
 
 @functools.lru_cache(maxsize=64)
-def _minibatch_chunk(loss_fn: LossFn, optimizer, batch_size, chunk_size: int):
+def _minibatch_chunk(loss_fn: LossFn, optimizer, batch_size, chunk_size: int, donate: bool):
     """The jitted ``chunk_size``-step scan; cached so repeated calls never recompile.
+
+    With ``donate`` the input ``params`` and ``opt_state`` buffers are given to the program, which
+    writes the new state into them (peak device memory: one training state instead of two).
 
     Steps ``i >= n_active`` are skipped (a partial last chunk). Each step reports whether its loss,
     gradient and new parameters are finite; the scan does not stop or mask on failure (selecting
@@ -168,7 +173,7 @@ def _minibatch_chunk(loss_fn: LossFn, optimizer, batch_size, chunk_size: int):
         )
         return params, opt_state, finite, losses
 
-    return jax.jit(run)
+    return jax.jit(run, donate_argnums=(0, 1) if donate else ())
 
 
 def _sample(key, data, batch_size):
@@ -204,6 +209,7 @@ def train(
     opt_state: Any = None,
     progress: bool = True,
     desc: str = "train",
+    donate: bool = True,
 ) -> TrainResult:
     """Minimise ``loss_fn(params, batch)`` for ``n_steps`` optimizer steps.
 
@@ -217,6 +223,11 @@ def train(
         ``{name: rows | None}``: ``batch[name]`` drawn from ``data[name]``.
       chunk_size: steps per jitted ``lax.scan`` (one progress update and one finiteness check).
       opt_state: resume from this optimizer state (default ``optimizer.init(params)``).
+      donate: donate the training state to each chunk, so the device holds it once. ``params``
+        and ``opt_state`` passed in are copied first and stay usable; each chunk's start is kept
+        on the host (a copy per ``chunk_size`` steps) so a divergence can still be replayed to its
+        last finite step. ``False`` keeps the start on the device instead (no host copies; twice
+        the device memory for the state).
 
     Raises:
       TrainingDivergedError: a non-finite loss, gradient or update; it carries the parameters and
@@ -231,7 +242,9 @@ def train(
         batch_size = tuple(sorted(batch_size.items()))
     data = jax.tree.map(jnp.asarray, data)
     opt_state = optimizer.init(params) if opt_state is None else opt_state
-    run = _minibatch_chunk(loss_fn, optimizer, batch_size, chunk_size)
+    run = _minibatch_chunk(loss_fn, optimizer, batch_size, chunk_size, donate)
+    if donate:  # the caller's arrays must survive the donation of the first chunk's inputs
+        params, opt_state = jax.tree.map(jnp.copy, (params, opt_state))
     losses: list[np.ndarray] = []
     done = 0
     t0 = time.perf_counter()
@@ -239,13 +252,15 @@ def train(
         while done < n_steps:
             n_active = min(chunk_size, n_steps - done)
             key, sub = jax.random.split(key)
-            start = (params, opt_state)
+            # the replay of a divergence starts here; donated buffers are gone after the call, so
+            # their copy lives on the host
+            start = jax.device_get((params, opt_state)) if donate else (params, opt_state)
             params, opt_state, oks, chunk_losses = run(params, opt_state, data, sub, n_active)
             chunk_losses, oks = np.asarray(chunk_losses)[:n_active], np.asarray(oks)[:n_active]
             if not oks.all():
                 n_ok = int(np.argmin(oks))  # steps before the first non-finite one
                 # Replay the chunk's finite steps (same keys, so the same steps) to recover them.
-                params, opt_state, _, _ = run(*start, data, sub, n_ok)
+                params, opt_state, _, _ = run(*jax.device_put(start), data, sub, n_ok)
                 losses.append(chunk_losses[:n_ok])
                 step = done + n_ok
                 raise TrainingDivergedError(

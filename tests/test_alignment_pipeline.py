@@ -10,6 +10,7 @@ import pytest
 from flax import nnx
 from jax.flatten_util import ravel_pytree
 
+from quartic import training as training_module
 from quartic.models import LoRAParam, Transformer, TransformerConfig, count_params, functional
 from quartic.tasks import token_world as tw
 from quartic.training import (
@@ -90,6 +91,31 @@ def test_train_samples_named_datasets_separately():
         progress=False,
     )
     assert res.losses[-1] < res.losses[0]
+
+
+def test_donated_training_state_is_aliased_and_changes_nothing():
+    x = jax.random.normal(jax.random.PRNGKey(0), (64, 4), jnp.float64)
+    data = {"x": x, "y": jnp.sin(x[:, 0])}
+
+    def loss_fn(params, batch):
+        return jnp.mean((jnp.tanh(batch["x"] @ params["w"]) @ params["v"] - batch["y"]) ** 2)
+
+    params = {"w": 0.3 * jnp.ones((4, 6)), "v": 0.1 * jnp.ones((6,))}
+    opt = optax.adam(1e-2)
+    kw = dict(n_steps=25, key=jax.random.key(1), batch_size=16, chunk_size=10, progress=False)
+    donated = train(loss_fn, params, data, opt, donate=True, **kw)
+    kept = train(loss_fn, params, data, opt, donate=False, **kw)
+    # the caller's arrays survive; donation changes no number
+    assert not params["w"].is_deleted()
+    np.testing.assert_array_equal(donated.losses, kept.losses)
+    for a, b in zip(jax.tree.leaves(donated.params), jax.tree.leaves(kept.params), strict=True):
+        np.testing.assert_array_equal(a, b)
+    # the compiled chunk writes the whole state (params + Adam moments + count) into its inputs
+    state = (params, opt.init(params))
+    run = training_module._minibatch_chunk(loss_fn, opt, 16, 10, True)
+    mem = run.lower(*state, data, jax.random.key(0), 10).compile().memory_analysis()
+    state_bytes = sum(leaf.nbytes for leaf in jax.tree.leaves(state))
+    assert mem.alias_size_in_bytes == state_bytes
 
 
 def test_divergence_raises_and_keeps_the_last_finite_state():
