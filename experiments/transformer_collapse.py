@@ -26,10 +26,8 @@ import numpy as np
 
 from quartic import collapse, curvature, plotting
 from quartic.errors import QuarticError
-from quartic.models import TransformerConfig
 from quartic.runs import RunDir, run_sweep, write_json_atomic
 from quartic.tasks import token_world as tw
-from quartic.training import make_aligned_model
 
 TITLE = "Alignment collapse in a small transformer: exact Fisher, forecast vs Δu, overlap vs harm"
 QUICK_SECONDS = 240
@@ -82,18 +80,8 @@ class Config:
             raise QuarticError(f"taylor_order must be >= 4 (c₄ is read), got {self.taylor_order}")
 
 
-@functools.cache
 def _setup(config: Config, category: int):
-    jax.config.update("jax_enable_x64", True)
-    world = tw.TokenWorld(tw.WorldConfig(seed=config.world_seed))
-    model_cfg = TransformerConfig.preset(
-        config.preset,
-        vocab_size=world.vocab_size,
-        seq_len=world.config.seq_len,
-        param_dtype="float64",
-    )
-    aligned = make_aligned_model(model_cfg, world, seed=config.model_seed, progress=False)
-    return aligned, collapse.CollapseSetup(aligned.apply_fn, aligned.theta_star, world, category)
+    return collapse.aligned_setup(config.preset, category, config.world_seed, config.model_seed)
 
 
 _FISHER: dict = {}  # (config, category) -> F, filled by whichever unit computes it first

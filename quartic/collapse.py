@@ -17,11 +17,15 @@ for one skill or one (skill, task) pair, what THEORY.md §3–4 predicts, in flo
   (onto the range of F, or onto M only), where the premises of the law hold by construction;
 - :func:`long_finetune`: longer gradient descent (full or LoRA) with the harmfulness rate,
   retention, the overlap score and Δu recorded along the way.
+
+:func:`aligned_setup` is the one place that builds θ* (float64, on the token world) and its
+:class:`CollapseSetup` for the experiments and the notebooks.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import zlib
 from collections.abc import Callable
 
@@ -31,7 +35,9 @@ import numpy as np
 import optax
 
 from quartic import aic, curvature, dynamics, fitting, pytree, theory
+from quartic.models import TransformerConfig
 from quartic.tasks import token_world as tw
+from quartic.training import AlignedModel, make_aligned_model
 
 
 def _kl_answer(apply_fn, params, data):
@@ -106,6 +112,26 @@ class CollapseSetup:
         if rows is not None:
             batch = {k: np.asarray(v)[rows] for k, v in batch.items()}
         return {k: jnp.asarray(v) for k, v in batch.items()}
+
+
+@functools.cache
+def _aligned_model(preset: str, world_seed: int, model_seed: int):
+    jax.config.update("jax_enable_x64", True)  # θ* is float64: its gradient is ~1e-5 of the start
+    world = tw.TokenWorld(tw.WorldConfig(seed=world_seed))
+    model_cfg = TransformerConfig.preset(
+        preset, vocab_size=world.vocab_size, seq_len=world.config.seq_len, param_dtype="float64"
+    )
+    return world, make_aligned_model(model_cfg, world, seed=model_seed, progress=False)
+
+
+def aligned_setup(
+    preset: str = "2k", category: int = 0, world_seed: int = 0, model_seed: int = 0
+) -> tuple[AlignedModel, CollapseSetup]:
+    """θ* of the transformer ``preset`` on the token world of ``world_seed`` (float64; trained by
+    :func:`quartic.training.make_aligned_model` or loaded from its disk cache, once per process),
+    and its :class:`CollapseSetup` for harm ``category``. Turns on ``jax_enable_x64``."""
+    world, aligned = _aligned_model(preset, world_seed, model_seed)
+    return aligned, CollapseSetup(aligned.apply_fn, aligned.theta_star, world, category)
 
 
 def answer_jacobian(setup: CollapseSetup) -> tuple[jax.Array, jax.Array]:

@@ -3,8 +3,8 @@
 For the experiments that run quartic's generic machinery (:mod:`quartic.defences`,
 :mod:`quartic.forecast`) on the transformer of :mod:`quartic.collapse`:
 
-- θ* is built by :func:`quartic.training.make_aligned_model` (cached on disk) once per process and
-  :class:`TransformerSpec`, exactly as ``experiments/transformer_collapse.py`` builds it;
+- θ* is built by :func:`quartic.collapse.aligned_setup` (cached on disk, once per process), as
+  ``experiments/transformer_collapse.py`` builds it;
 - the alignment loss is the **KL drift** from θ*'s own answers on the harm category
   (``CollapseSetup.align_fns["kl"]``): ``Δu = L_A`` exactly, its gradient at θ* is exactly 0 and
   its Hessian there is exactly the true Fisher (THEORY.md §3), so the AIC premise holds by
@@ -19,15 +19,12 @@ helpers are kept in the setup's ``_compiled`` dict (as :mod:`quartic.collapse` d
 from __future__ import annotations
 
 import dataclasses
-import functools
 
 import jax
 import jax.numpy as jnp
 
 from quartic import collapse, curvature
 from quartic import defences as D
-from quartic.models import TransformerConfig
-from quartic.tasks import token_world as tw
 
 #: Lanczos steps for λ_max(H_FT) at θ* (the top eigenvalue of a 2k-parameter LM Hessian converges
 #: to float64 precision well within this).
@@ -45,21 +42,9 @@ class TransformerSpec:
     model_seed: int = 0
 
 
-@functools.cache
 def aligned_setup(spec: TransformerSpec) -> collapse.CollapseSetup:
     """θ* with its losses (:class:`quartic.collapse.CollapseSetup`), once per process and spec."""
-    from quartic.training import make_aligned_model  # heavy import, only when a transformer runs
-
-    jax.config.update("jax_enable_x64", True)
-    world = tw.TokenWorld(tw.WorldConfig(seed=spec.world_seed))
-    model_cfg = TransformerConfig.preset(
-        spec.preset,
-        vocab_size=world.vocab_size,
-        seq_len=world.config.seq_len,
-        param_dtype="float64",
-    )
-    aligned = make_aligned_model(model_cfg, world, seed=spec.model_seed, progress=False)
-    return collapse.CollapseSetup(aligned.apply_fn, aligned.theta_star, world, spec.category)
+    return collapse.aligned_setup(spec.preset, spec.category, spec.world_seed, spec.model_seed)[1]
 
 
 def losses(
