@@ -42,7 +42,7 @@ import jax
 import numpy as np
 from matplotlib.ticker import NullFormatter
 
-from quartic import plotting
+from quartic import checkpoint, plotting
 from quartic import transfer as tr
 from quartic.attack import AttackConfig, synonym_table
 from quartic.collapse import spearman
@@ -291,20 +291,16 @@ def _cache_dir(out_dir: pathlib.Path) -> pathlib.Path:
 
 
 def _cached(out_dir, kind: str, name: str, cfg, compute) -> tuple[list[dict], dict]:
-    """``n_seeds`` models and their info, from ``cache/<kind>/<name>_seed<i>.npz`` (+ ``.json``)
-    if present, else from ``compute() -> (params stacked, info)``, then saved."""
-    folder = _cache_dir(out_dir) / kind
-    info_path = folder / f"{name}.json"
-    if info_path.exists():
-        info = read_json(info_path)
-        params = [tr.load_params(folder / f"{name}_seed{i}.npz", cfg) for i in range(info["n"])]
-        return params, info
-    stacked, info = compute()
-    params = tr.unstack(stacked)
-    for i, p in enumerate(params):
-        tr.save_params(folder / f"{name}_seed{i}.npz", cfg, p)
-    write_json_atomic(info_path, {**info, "n": len(params)})  # written last: marks completion
-    return params, info
+    """``n_seeds`` models and their info from the checkpoint ``cache/<kind>/<name>/`` (the seeds
+    stacked, :func:`quartic.transfer.save_params`) if it is complete, else from
+    ``compute() -> (params stacked, info)``, then saved."""
+    path = _cache_dir(out_dir) / kind / name
+    if checkpoint.exists(path):
+        stacked, info = tr.load_params(path, cfg)
+    else:
+        stacked, info = compute()
+        tr.save_params(path, cfg, stacked, info)
+    return tr.unstack(stacked), info
 
 
 def pretrained(config: Config, out_dir, size: str, arch: str) -> tuple[list[dict], dict]:

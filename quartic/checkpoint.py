@@ -20,22 +20,27 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from quartic.errors import QuarticError
+from quartic.pytree import path_name
 
-__all__ = ["exists", "load", "save"]
-
-
-def _name(path) -> str:
-    return "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
+__all__ = ["exists", "load", "read_meta", "save"]
 
 
 def _flat(tree: Any) -> dict[str, Any]:
-    return {_name(p): x for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
+    return {path_name(p): x for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
 
 def exists(directory: str | os.PathLike) -> bool:
     """Whether ``directory`` holds a complete checkpoint."""
     d = Path(directory)
     return (d / "meta.json").exists() and ((d / "params").is_dir() or (d / "params.npz").exists())
+
+
+def read_meta(directory: str | os.PathLike) -> dict:
+    """The ``meta.json`` of a complete checkpoint (without reading its arrays)."""
+    d = Path(directory).absolute()
+    if not exists(d):
+        raise QuarticError(f"no checkpoint at {d} (expected meta.json and params/)")
+    return json.loads((d / "meta.json").read_text())
 
 
 def save(directory: str | os.PathLike, params: Any, meta: dict) -> Path:
@@ -59,9 +64,7 @@ def load(directory: str | os.PathLike, template: Any) -> tuple[Any, dict]:
     does not match (a checkpoint of another model).
     """
     d = Path(directory).absolute()
-    if not exists(d):
-        raise QuarticError(f"no checkpoint at {d} (expected meta.json and params/)")
-    meta = json.loads((d / "meta.json").read_text())
+    meta = read_meta(d)
     expected = _flat(template)
     if (d / "params").is_dir():
         with ocp.StandardCheckpointer() as ckptr:

@@ -19,6 +19,12 @@ from quartic.errors import QuarticError
 PyTree = Any
 
 
+def path_name(path) -> str:
+    """A pytree key path as ``/``-joined keys and indices (``blocks/0/attn/q_proj/kernel``): the
+    name a parameter has in checkpoints and reports."""
+    return "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
+
+
 def ravel(params: PyTree) -> tuple[jax.Array, Callable[[jax.Array], PyTree]]:
     """Flatten ``params`` to ``theta[n]``; returns ``(theta, unravel)``."""
     theta, unravel = ravel_pytree(params)

@@ -44,10 +44,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import io
 import os
 import pathlib
-import tempfile
 from typing import Any, NamedTuple
 
 import jax
@@ -57,7 +55,7 @@ import optax
 from flax import nnx
 from jax.flatten_util import ravel_pytree
 
-from quartic import curvature, theory
+from quartic import checkpoint, curvature, theory
 from quartic.attack import AttackConfig, AttackResult, SynonymTable, attack_dataset, greedy_attack
 from quartic.errors import DivergenceError, QuarticError
 from quartic.models.transformer import (
@@ -67,6 +65,7 @@ from quartic.models.transformer import (
     count_params,
     functional,
 )
+from quartic.pytree import path_name
 from quartic.tasks.synonyms import PAD, Language
 from quartic.training import _optax_promotion
 
@@ -153,12 +152,8 @@ def _model_fns(cfg: TransformerConfig) -> _ModelFns:
     embed, _ = functional(model, method="embed")
     from_emb, _ = functional(model, method="from_embeddings")
     paths, treedef = jax.tree_util.tree_flatten_with_path(params)
-    names = tuple(_path_name(p) for p, _ in paths)
+    names = tuple(path_name(p) for p, _ in paths)
     return _ModelFns(call, embed, from_emb, treedef, names)
-
-
-def _path_name(path) -> str:
-    return "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
 
 
 def init_params(cfg: TransformerConfig, seed: int) -> dict:
@@ -218,42 +213,46 @@ def unstack(stacked: dict) -> list[dict]:
     return [treedef.unflatten([np.asarray(x[i]) for x in leaves]) for i in range(m)]
 
 
-def save_params(path: str | os.PathLike, cfg: TransformerConfig, params: dict) -> pathlib.Path:
-    """Write ``params`` (of ``cfg``) to ``path`` (``.npz``, one array per ``/``-joined path),
-    atomically: a reader never sees a partial file."""
+def save_params(
+    directory: str | os.PathLike, cfg: TransformerConfig, params: dict, info: dict | None = None
+) -> pathlib.Path:
+    """Write ``params`` of ``cfg`` (one model, or a stack of ``M`` with a leading ``[M]`` axis) and
+    ``info`` (JSON-able) as a :mod:`quartic.checkpoint` directory (orbax arrays + ``meta.json``,
+    atomic: a directory with ``meta.json`` is complete)."""
     fns = _model_fns(cfg)
     leaves = jax.tree.leaves(params)
     if len(leaves) != len(fns.names):
         raise QuarticError(f"params do not match the model config {cfg} (leaf count differs)")
-    buf = io.BytesIO()
-    np.savez(buf, **{n: np.asarray(x) for n, x in zip(fns.names, leaves, strict=True)})
-    path = pathlib.Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(buf.getvalue())
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-    return path
+    template = jax.tree.leaves(_template(cfg))
+    extra = {np.ndim(x) - np.ndim(t) for x, t in zip(leaves, template, strict=True)}
+    if extra not in ({0}, {1}):
+        raise QuarticError(f"params are neither one model of {cfg} nor a stack of them")
+    stacked = int(np.shape(leaves[0])[0]) if extra == {1} else None
+    meta = {"model_config": dataclasses.asdict(cfg), "stacked": stacked, "info": info or {}}
+    return checkpoint.save(directory, params, meta)
 
 
-def load_params(path: str | os.PathLike, cfg: TransformerConfig) -> dict:
-    """Read parameters written by :func:`save_params` for ``cfg``."""
-    fns = _model_fns(cfg)
-    with np.load(path) as z:
-        missing = [n for n in fns.names if n not in z.files]
-        if missing:
-            raise QuarticError(f"{path} lacks {missing[:3]}: written for another model config?")
-        leaves = [z[n] for n in fns.names]
-    return fns.treedef.unflatten(leaves)
+def load_params(directory: str | os.PathLike, cfg: TransformerConfig) -> tuple[dict, dict]:
+    """``(params, info)`` written by :func:`save_params` for ``cfg`` (a stack stays stacked).
+
+    Raises a :class:`~quartic.errors.QuarticError` when the directory holds no checkpoint or one
+    written for another model config."""
+    if not checkpoint.exists(directory):
+        raise QuarticError(f"no checkpoint at {directory}")
+    meta = checkpoint.read_meta(directory)
+    if meta.get("model_config") != dataclasses.asdict(cfg):
+        raise QuarticError(f"{directory} was written for another model config")
+    template = _template(cfg)
+    if meta["stacked"] is not None:
+        m = meta["stacked"]
+        template = jax.tree.map(lambda x: np.broadcast_to(x, (m, *np.shape(x))), template)
+    params, meta = checkpoint.load(directory, template)
+    return params, meta["info"]
+
+
+@functools.cache
+def _template(cfg: TransformerConfig) -> dict:
+    return jax.tree.map(lambda x: np.zeros(np.shape(x), x.dtype), init_params(cfg, 0))
 
 
 # --------------------------------------------------------------------------------------------------

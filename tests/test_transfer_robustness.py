@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from quartic import checkpoint
 from quartic import transfer as tr
 from quartic.cli import load_experiment
 from quartic.errors import QuarticError
@@ -94,7 +95,7 @@ def test_tiny_run_produces_every_quantity(tiny_run):
     for q in EXP.BRIDGE_QUANTITIES:
         assert len(bridge[q]) == config.n_seeds and np.isfinite(bridge[q]).all()
     assert all(0 <= v <= 1 + 1e-5 for v in bridge["transfer"]["overlap"])
-    assert (out / "cache" / "pretrained" / "encoder_2k_seed1.npz").exists()
+    assert checkpoint.exists(out / "cache" / "pretrained" / "encoder_2k")
     rows = EXP.table(summary)
     assert any("ΔASR@80" in r["quantity"] for r in rows)
     assert all(r["experiment"] == "transfer_robustness" for r in rows)
@@ -102,7 +103,7 @@ def test_tiny_run_produces_every_quantity(tiny_run):
 
 def test_rerun_recomputes_nothing(tiny_run, tmp_path, monkeypatch):
     config, out, summary = tiny_run
-    files = sorted((out / "units").glob("*.json")) + sorted((out / "cache").rglob("*.npz"))
+    files = sorted((out / "units").glob("*.json")) + sorted((out / "cache").rglob("meta.json"))
     before = {p: p.stat().st_mtime_ns for p in files}
     calls = []
     original = tr.fit
@@ -198,11 +199,21 @@ def test_lora_merge_and_body_carry(small_lang):
 
 def test_save_load_roundtrip(tmp_path, small_lang):
     cfg = tr.model_config("2k", "encoder", vocab_size=small_lang.vocab_size, seq_len=10)
-    params = tr.init_params(cfg, 3)
-    path = tr.save_params(tmp_path / "m.npz", cfg, params)
-    back = tr.load_params(path, cfg)
-    for x, y in zip(jax.tree.leaves(params), jax.tree.leaves(back), strict=True):
-        np.testing.assert_array_equal(np.asarray(x), y)
+    one = tr.init_params(cfg, 3)
+    stacked = tr.stack([tr.init_params(cfg, i) for i in range(2)])
+    for name, params in (("one", one), ("stacked", stacked)):
+        path = tr.save_params(tmp_path / name, cfg, params, {"val": [1.5, 2.0]})
+        back, info = tr.load_params(path, cfg)
+        assert info == {"val": [1.5, 2.0]}
+        for x, y in zip(jax.tree.leaves(params), jax.tree.leaves(back), strict=True):
+            assert np.shape(x) == np.shape(y)
+            np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+    # a checkpoint of another model config is refused by name, not misread
+    other = tr.model_config("2k", "decoder", vocab_size=small_lang.vocab_size, seq_len=10)
+    with pytest.raises(QuarticError, match="another model config"):
+        tr.load_params(tmp_path / "one", other)
+    with pytest.raises(QuarticError, match="no checkpoint"):
+        tr.load_params(tmp_path / "missing", cfg)
 
 
 def test_synonym_rewrite_keeps_concepts(small_lang):
