@@ -194,14 +194,17 @@ _EIGH_LAST: list = []  # [(matrix, (values, vectors))]: the last matrix decompos
 def eigh_descending(a: jax.Array) -> tuple[jax.Array, jax.Array]:
     """Eigenpairs of the symmetric ``a``, largest first: ``(w [n], v [n, n])``.
 
-    The last matrix is remembered by identity, so a dense Fisher reused by many checks (every
-    task, both alignment losses, every projector) is decomposed once, not once per call.
+    The last ``jax.Array`` is remembered by identity (JAX arrays are immutable, so the same object
+    is the same matrix), so a dense Fisher reused by many checks (every task, both alignment
+    losses, every projector) is decomposed once, not once per call. A mutable numpy array is
+    never cached.
     """
     if _EIGH_LAST and _EIGH_LAST[0][0] is a:
         return _EIGH_LAST[0][1]
     w, v = jnp.linalg.eigh(symmetrize(a))
     out = (w[::-1], v[:, ::-1])
-    _EIGH_LAST[:] = [(a, out)]
+    if isinstance(a, jax.Array):
+        _EIGH_LAST[:] = [(a, out)]
     return out
 
 

@@ -226,3 +226,20 @@ def test_hvp_matches_jax_hessian_on_a_small_flax_transformer():
     assert theta.size > 100
     rel = jnp.linalg.norm(dense - oracle) / jnp.linalg.norm(oracle)
     assert rel < 1e-12
+
+
+def test_eigh_descending_is_eigh_sorted_and_decomposes_a_reused_matrix_once():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(6, 6))
+    a = jnp.asarray(x + x.T)
+    w, v = curvature.eigh_descending(a)
+    w_ref = np.linalg.eigvalsh(np.asarray(a))[::-1]
+    np.testing.assert_allclose(w, w_ref, rtol=1e-13, atol=1e-13)
+    np.testing.assert_allclose(a @ v, v * w[None, :], atol=1e-12)
+    assert curvature.eigh_descending(a)[0] is w  # the same array object: remembered
+    assert curvature.eigh_descending(a + 0.0)[0] is not w  # another object: decomposed again
+    # a numpy matrix can change in place, so it is never remembered
+    m = np.asarray(a).copy()
+    w_np, _ = curvature.eigh_descending(m)
+    m *= 2.0
+    np.testing.assert_allclose(curvature.eigh_descending(m)[0], 2.0 * np.asarray(w_np), rtol=1e-13)
