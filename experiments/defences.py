@@ -340,8 +340,7 @@ def theory_unit(config: Config) -> dict:
 
 
 def _tx_setup(config: Config):
-    spec = collapse_tasks.TransformerSpec(config.transformer_preset, config.transformer_category)
-    return collapse_tasks.aligned_setup(spec)
+    return collapse.aligned_setup(config.transformer_preset, config.transformer_category)[1]
 
 
 @cache

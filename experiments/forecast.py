@@ -33,7 +33,7 @@ import numpy as np
 from matplotlib.ticker import NullFormatter
 
 import quartic as q
-from quartic import collapse_tasks, plotting, theory
+from quartic import collapse, collapse_tasks, plotting, theory
 from quartic import forecast as fc
 from quartic.runs import RunDir, read_json, run_sweep, write_json_atomic
 from quartic.tasks import token_world as tw
@@ -247,8 +247,7 @@ def _record(
 
 
 def _tx_setup(config: Config):
-    spec = collapse_tasks.TransformerSpec(config.transformer_preset, config.transformer_category)
-    return collapse_tasks.aligned_setup(spec)
+    return collapse.aligned_setup(config.transformer_preset, config.transformer_category)[1]
 
 
 @cache

@@ -18,8 +18,6 @@ helpers are kept in the setup's ``_compiled`` dict (as :mod:`quartic.collapse` d
 
 from __future__ import annotations
 
-import dataclasses
-
 import jax
 import jax.numpy as jnp
 
@@ -29,22 +27,6 @@ from quartic import defences as D
 #: Lanczos steps for λ_max(H_FT) at θ* (the top eigenvalue of a 2k-parameter LM Hessian converges
 #: to float64 precision well within this).
 LAMBDA_ITERS = 30
-
-
-@dataclasses.dataclass(frozen=True)
-class TransformerSpec:
-    """Which aligned transformer: the model preset, the harm category whose skill defines L_A, and
-    the seeds of the token world and of the model (those of ``transformer_collapse``)."""
-
-    preset: str = "2k"
-    category: int = 0
-    world_seed: int = 0
-    model_seed: int = 0
-
-
-def aligned_setup(spec: TransformerSpec) -> collapse.CollapseSetup:
-    """θ* with its losses (:class:`quartic.collapse.CollapseSetup`), once per process and spec."""
-    return collapse.aligned_setup(spec.preset, spec.category, spec.world_seed, spec.model_seed)[1]
 
 
 def losses(
@@ -59,11 +41,6 @@ def losses(
         return kl_fn(th, kl_data)
 
     return D.Losses(align, lambda th: lm_fn(th, batch), theta_star, delta_u_fn=align)
-
-
-def task_batches(setup: collapse.CollapseSetup, tasks) -> dict[str, dict]:
-    """Each task's train batch (device arrays); all share one shape."""
-    return {t: setup.task_batch(t) for t in tasks}
 
 
 def lambda_max_ft(setup: collapse.CollapseSetup, batch: dict, theta=None) -> float:
