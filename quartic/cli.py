@@ -447,7 +447,10 @@ def _cmd_diagnose(argv: list[str]) -> int:
     cli_main = getattr(module, "cli_main", None)
     if cli_main is None:
         raise QuarticError("`quartic diagnose` is not available: quartic.diagnose has no cli_main")
-    code = cli_main(argv)
+    try:
+        code = cli_main(argv)
+    except SystemExit as e:  # --help
+        code = e.code
     return 0 if code is None else int(code)
 
 
@@ -459,14 +462,16 @@ class _UsageError(Exception):
     pass
 
 
-class _Parser(argparse.ArgumentParser):
+class Parser(argparse.ArgumentParser):
+    """An ``ArgumentParser`` whose usage errors are one line (the ``quartic`` commands use it)."""
+
     def error(self, message: str):
         # One line instead of argparse's usage block; `--help` still prints the full usage.
         raise _UsageError(f"{message} (see '{self.prog} --help')")
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="quartic", description="Run and reproduce the quartic experiments.")
+    parser = Parser(prog="quartic", description="Run and reproduce the quartic experiments.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("list", help="list the experiments with their titles and quick-run times")

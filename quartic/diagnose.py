@@ -317,26 +317,32 @@ __all__ = ["Diagnosis", "curvature_rank_report", "diagnose", "plot_diagnosis"]
 
 
 def cli_main(argv: list[str]) -> int:
-    """``quartic diagnose --checkpoint DIR --task NAME --lr LR (--rank D | --explained-variance V)``.
+    """``quartic diagnose --checkpoint DIR (--task NAME | --data FILE) --lr LR (--rank D |
+    --explained-variance V)``.
 
     Diagnoses one of quartic's own aligned transformers (a θ* directory written by
-    :func:`quartic.training.make_aligned_model`) against a benign task of its token world, prints
-    the report, and writes ``diagnosis.json`` and ``diagnosis.png`` into ``--out``.
+    :func:`quartic.training.make_aligned_model`) against a benign task of its token world or your
+    own token data (checked by :func:`quartic.tasks.token_world.load_batch`), prints the report,
+    and writes ``diagnosis.json`` and ``diagnosis.png`` into ``--out``.
     """
-    import argparse
     import pathlib
 
     from quartic import collapse, runs, training
+    from quartic.cli import Parser
     from quartic.tasks import token_world as tw
 
-    parser = argparse.ArgumentParser(prog="quartic diagnose", description=cli_main.__doc__)
+    parser = Parser(prog="quartic diagnose", description=cli_main.__doc__)
     parser.add_argument(
         "--checkpoint",
         required=True,
         help="θ* directory (saved by quartic.training.save_theta_star: params/ + meta.json)",
     )
-    parser.add_argument(
-        "--task", required=True, help=f"one of {', '.join(tw.BENIGN_TASKS)}, harmful"
+    data = parser.add_mutually_exclusive_group(required=True)
+    data.add_argument("--task", help=f"one of {', '.join(tw.BENIGN_TASKS)}, harmful")
+    data.add_argument(
+        "--data",
+        help="your own fine-tuning data: .npz with tokens [N, seq_len] (optional targets, mask) "
+        "or .npy of sequences [N, seq_len + 1]",
     )
     parser.add_argument("--category", type=int, default=0, help="harm category of the skill")
     parser.add_argument("--loss", choices=("kl", "refusal"), default="kl")
@@ -353,7 +359,7 @@ def cli_main(argv: list[str]) -> int:
     path = pathlib.Path(args.checkpoint)
     if not checkpoint.exists(path):
         raise QuarticError(f"no θ* checkpoint at {path} (expected params/ and meta.json)")
-    if args.task not in (*tw.BENIGN_TASKS, "harmful"):
+    if args.task is not None and args.task not in (*tw.BENIGN_TASKS, "harmful"):
         raise QuarticError(
             f"unknown task {args.task!r}; choose one of {', '.join(tw.BENIGN_TASKS)}, harmful"
         )
@@ -364,14 +370,18 @@ def cli_main(argv: list[str]) -> int:
         raise QuarticError(
             f"category must be in [0, {world.config.n_categories}), got {args.category}"
         )
+    if args.data is not None:
+        ft_batch = tw.load_batch(args.data, world.vocab_size, world.config.seq_len)
     apply_fn, params = training.functional(model)
     setup = collapse.CollapseSetup(apply_fn, params, world, args.category)
+    if args.data is None:
+        ft_batch = setup.task_batch(args.task)
     diag = diagnose(
         setup.align_fns[args.loss],
         setup.lm_fn,
         setup.theta,
         align_batch=setup.align_data[args.loss],
-        ft_batch=setup.task_batch(args.task),
+        ft_batch=ft_batch,
         fisher=collapse.dense_fisher(setup),
         lr=args.lr,
         horizon=args.horizon,

@@ -12,6 +12,7 @@ import pytest
 import quartic as q
 from quartic import QuarticError
 from quartic.diagnose import diagnose
+from quartic.tasks import token_world as tw
 
 
 def test_forecast_agrees_with_the_run_inside_the_expansion():
@@ -87,14 +88,14 @@ def test_cli_missing_checkpoint_is_one_line():
     assert len(lines) == 1 and "no θ* checkpoint" in lines[0]
 
 
-def test_cli_on_a_saved_model_that_is_not_aligned_warns_and_shows_the_linear_term(tmp_path, capsys):
-    """A freshly initialised transformer saved as a checkpoint: its refusal loss has a large
-    gradient, so the CLI must say the quartic law does not apply and report the linear rate."""
+@pytest.fixture(scope="module")
+def raw_checkpoint(tmp_path_factory):
+    """A freshly initialised (not aligned) 300-parameter transformer of the seed-0 token world,
+    saved the way ``quartic diagnose`` reads θ*: (checkpoint dir, world)."""
     from flax import nnx
 
-    from quartic import cli, training
+    from quartic import training
     from quartic.models import Transformer, TransformerConfig
-    from quartic.tasks import token_world as tw
 
     world = tw.TokenWorld(tw.WorldConfig(seed=0))
     cfg = TransformerConfig(
@@ -107,26 +108,141 @@ def test_cli_on_a_saved_model_that_is_not_aligned_warns_and_shows_the_linear_ter
         param_dtype="float64",
     )
     meta = {"model_config": cfg.to_dict(), "world_config": json.loads(world.config.to_json())}
-    ckpt = training.save_theta_star(tmp_path / "raw", Transformer(cfg, rngs=nnx.Rngs(0)), meta)
-    argv = [
-        "diagnose",
-        "--checkpoint",
-        str(ckpt),
-        "--task",
-        "sort",
-        "--loss",
-        "refusal",
-        "--lr",
-        "0.01",
-        "--horizon",
-        "20",
-        "--rank",
-        "4",
-        "--out",
-        str(tmp_path / "out"),
-    ]
+    path = tmp_path_factory.mktemp("ckpt") / "raw"
+    return training.save_theta_star(path, Transformer(cfg, rngs=nnx.Rngs(0)), meta), world
+
+
+def _diagnose_argv(ckpt, out, *extra, data=("--task", "sort")):
+    return ["diagnose", "--checkpoint", str(ckpt), *data, "--out", str(out), *extra]
+
+
+def test_cli_on_a_saved_model_that_is_not_aligned_warns_and_shows_the_linear_term(
+    raw_checkpoint, tmp_path, capsys
+):
+    """A freshly initialised transformer: its refusal loss has a large gradient, so the CLI must
+    say the quartic law does not apply and report the linear rate."""
+    from quartic import cli
+
+    ckpt, _ = raw_checkpoint
+    argv = _diagnose_argv(
+        ckpt, tmp_path / "out", "--loss", "refusal", "--lr", "0.01", "--horizon", "20", "--rank", "4"
+    )
     assert cli.main(argv) == 0
     out = capsys.readouterr().out
     assert "not at an aligned optimum" in out and "no quartic law applies" in out
     assert "linear term dominates" in out
     assert (tmp_path / "out" / "diagnosis.json").exists()
+
+
+def _save(path, **arrays):
+    np.savez(path, **arrays)
+    return path
+
+
+def test_load_batch_reads_both_formats_exactly(tmp_path):
+    world = tw.TokenWorld(tw.WorldConfig(seed=0))
+    b = world.task("sort", "train")
+    got = tw.load_batch(_save(tmp_path / "b.npz", **b), world.vocab_size, world.config.seq_len)
+    for k in ("tokens", "targets", "mask"):
+        np.testing.assert_array_equal(got[k], b[k])
+    # whole sequences: tokens / targets are the two shifts, the mask covers every non-PAD target
+    seqs = np.concatenate([b["tokens"], b["targets"][:, -1:]], axis=1)
+    np.save(tmp_path / "s.npy", seqs)
+    got = tw.load_batch(tmp_path / "s.npy", world.vocab_size, world.config.seq_len)
+    np.testing.assert_array_equal(got["tokens"], b["tokens"])
+    np.testing.assert_array_equal(got["targets"], b["targets"])
+    np.testing.assert_array_equal(got["mask"], (b["targets"] != tw.PAD).astype(np.float32))
+    # tokens alone: targets default to the left shift
+    got = tw.load_batch(
+        _save(tmp_path / "t.npz", tokens=seqs[:, :-1]), world.vocab_size, world.config.seq_len
+    )
+    np.testing.assert_array_equal(got["targets"][:, :-1], b["tokens"][:, 1:])
+    assert (got["targets"][:, -1] == tw.PAD).all()
+
+
+def test_cli_diagnoses_user_data_as_it_does_the_same_task(raw_checkpoint, tmp_path, capsys):
+    from quartic import cli
+
+    ckpt, world = raw_checkpoint
+    common = ("--lr", "0.01", "--horizon", "5", "--rank", "2")
+    data = _save(tmp_path / "sort.npz", **world.task("sort", "train"))
+    assert cli.main(_diagnose_argv(ckpt, tmp_path / "a", *common)) == 0
+    assert cli.main(_diagnose_argv(ckpt, tmp_path / "b", *common, data=("--data", str(data)))) == 0
+    capsys.readouterr()
+    a, b = (json.loads((tmp_path / d / "diagnosis.json").read_text()) for d in "ab")
+    assert a["forecast"] == b["forecast"] and a["aic"] == b["aic"]
+
+
+def _bad_data(tmp_path, world, kind):
+    b = {k: np.asarray(v) for k, v in world.task("sort", "train").items()}
+    if kind == "nan":
+        tokens = b["tokens"].astype(np.float64)
+        tokens[3, 4] = np.nan
+        return _save(tmp_path / "d.npz", tokens=tokens)
+    if kind == "nan_mask":
+        b["mask"][0, 0] = np.nan
+        return _save(tmp_path / "d.npz", **b)
+    if kind == "out_of_vocab":
+        b["tokens"][0, 0] = world.vocab_size
+        return _save(tmp_path / "d.npz", **b)
+    if kind == "fractional":
+        return _save(tmp_path / "d.npz", tokens=b["tokens"] + 0.5)
+    if kind == "shape":
+        return _save(tmp_path / "d.npz", tokens=b["tokens"][:, :5])
+    if kind == "no_tokens":
+        return _save(tmp_path / "d.npz", ids=b["tokens"])
+    if kind == "empty_mask":
+        return _save(tmp_path / "d.npz", **{**b, "mask": np.zeros_like(b["mask"])})
+    if kind == "not_numpy":
+        (tmp_path / "d.npz").write_text("tokens,targets\n1,2\n")
+        return tmp_path / "d.npz"
+    return tmp_path / "missing.npz"
+
+
+@pytest.mark.parametrize(
+    "extra, data_kind, expected",
+    [
+        (("--rank", "100000"), None, "rank must be an integer with 1 <= rank < n"),
+        (("--rank", "0"), None, "rank must be an integer with 1 <= rank < n"),
+        (("--explained-variance", "1.5"), None, "explained_variance must be in (0, 1]"),
+        (("--rank", "2", "--lr", "nan"), None, "lr must be a positive finite number, got nan"),
+        (("--rank", "2", "--horizon", "0"), None, "horizon must be at least 1 step"),
+        (("--rank", "2", "--category", "99"), None, "category must be in [0, "),
+        (("--rank", "2", "--threshold", "-1"), None, "threshold must be positive"),
+        (("--rank", "2",), "missing", "no data file"),
+        (("--rank", "2",), "not_numpy", "could not read"),
+        (("--rank", "2",), "nan", "'tokens' in"),
+        (("--rank", "2",), "nan_mask", "'mask' in"),
+        (("--rank", "2",), "out_of_vocab", "the model's vocabulary is [0, 34)"),
+        (("--rank", "2",), "fractional", "must hold integer token ids, found 1.5"),
+        (("--rank", "2",), "shape", "must have shape [examples, 12]"),
+        (("--rank", "2",), "no_tokens", "has no 'tokens' array (it holds: ids)"),
+        (("--rank", "2",), "empty_mask", "zero everywhere"),
+        (("--rank", "2", "--task", "poetry"), None, "unknown task 'poetry'"),
+        (("--rank", "2", "--data", "x.npz"), None, "not allowed with argument --task"),
+        (("--lr", "0.01",), None, "one of the arguments --rank --explained-variance is required"),
+    ],
+)
+def test_cli_diagnose_bad_input_is_one_line(
+    raw_checkpoint, tmp_path, capsys, extra, data_kind, expected
+):
+    from quartic import cli
+
+    ckpt, world = raw_checkpoint
+    if "--lr" not in extra:
+        extra = (*extra, "--lr", "0.01")
+    if data_kind is not None:
+        data = ("--data", str(_bad_data(tmp_path, world, data_kind)))
+    elif "--task" in extra:
+        data = ()
+    else:
+        data = ("--task", "sort")
+    code = cli.main(_diagnose_argv(ckpt, tmp_path / "out", *extra, data=data))
+    err = capsys.readouterr().err
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1, err
+    assert lines[0].startswith("quartic: error: ") and "Traceback" not in err
+    assert expected in lines[0], lines[0]
+    if data_kind == "nan":
+        assert "NaN or inf (1 entries)" in lines[0]
+    assert not (tmp_path / "out").exists()

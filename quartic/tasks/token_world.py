@@ -47,11 +47,14 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import pathlib
 from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from quartic.errors import QuarticError
 
 __all__ = [
     "BENIGN_TASKS",
@@ -75,6 +78,7 @@ __all__ = [
     "kl_logit_shift",
     "kl_to_reference",
     "lm_loss",
+    "load_batch",
     "lm_loss_from_logits",
     "refusal_loss",
     "refusal_loss_from_logits",
@@ -359,6 +363,88 @@ def _unique_split(rng, gen: Callable, n_train: int, n_heldout: int) -> dict[str,
 def concat(batches: list[Batch]) -> Batch:
     """Concatenate batches along the example axis."""
     return {k: np.concatenate([b[k] for b in batches]) for k in batches[0]}
+
+
+def load_batch(path, vocab_size: int, seq_len: int) -> Batch:
+    """A user's fine-tuning data as a checked :data:`Batch`.
+
+    ``path`` is either a ``.npz`` with ``tokens [N, seq_len]`` and optionally ``targets`` (default:
+    ``tokens`` shifted left, PAD last) and ``mask`` (default: 1 where the target is not PAD), or a
+    ``.npy`` of whole sequences ``[N, seq_len + 1]`` (``tokens = s[:, :-1]``, ``targets = s[:, 1:]``).
+    Raises :class:`~quartic.errors.QuarticError` naming the array and what is wrong with it: missing
+    file or array, wrong shape, NaN/inf, non-integer or out-of-vocabulary ids, an empty mask.
+    """
+    path = pathlib.Path(path)
+    if not path.is_file():
+        raise QuarticError(f"no data file {path}")
+    try:
+        loaded = np.load(path, allow_pickle=False)
+    except Exception as e:  # numpy raises several types for a bad file
+        raise QuarticError(f"could not read {path} as .npy or .npz: {e}") from None
+    if isinstance(loaded, np.ndarray):
+        seqs = _checked_array(loaded, "sequences", path, (seq_len + 1,), vocab_size)
+        arrays = {"tokens": seqs[:, :-1], "targets": seqs[:, 1:]}
+    else:
+        with loaded:
+            if "tokens" not in loaded.files:
+                raise QuarticError(
+                    f"{path} has no 'tokens' array (it holds: {', '.join(loaded.files) or 'nothing'})"
+                )
+            arrays = {k: loaded[k] for k in ("tokens", "targets", "mask") if k in loaded.files}
+        for k in ("tokens", "targets"):
+            if k in arrays:
+                arrays[k] = _checked_array(arrays[k], k, path, (seq_len,), vocab_size)
+        if "targets" not in arrays:
+            t = arrays["tokens"]
+            arrays["targets"] = np.concatenate([t[:, 1:], np.full_like(t[:, :1], PAD)], axis=1)
+        if arrays["targets"].shape != arrays["tokens"].shape:
+            raise QuarticError(
+                f"'targets' in {path} has shape {arrays['targets'].shape}, "
+                f"'tokens' {arrays['tokens'].shape}: they must match"
+            )
+    mask = arrays.get("mask")
+    if mask is None:
+        mask = (arrays["targets"] != PAD).astype(np.float32)
+    else:
+        mask = _checked_array(mask, "mask", path, (seq_len,), None)
+        if mask.shape != arrays["tokens"].shape:
+            raise QuarticError(
+                f"'mask' in {path} has shape {mask.shape}, 'tokens' {arrays['tokens'].shape}: "
+                "they must match"
+            )
+        if (mask < 0).any():
+            raise QuarticError(f"'mask' in {path} has negative weights")
+    if not mask.any():
+        raise QuarticError(f"the mask of {path} is zero everywhere: no position to fine-tune on")
+    return {
+        "tokens": arrays["tokens"].astype(np.int32),
+        "targets": arrays["targets"].astype(np.int32),
+        "mask": mask.astype(np.float32),
+    }
+
+
+def _checked_array(a, name, path, row_shape, vocab_size):
+    a = np.asarray(a)
+    where = f"'{name}' in {path}"
+    if a.ndim != 1 + len(row_shape) or a.shape[1:] != row_shape or a.shape[0] == 0:
+        want = ", ".join(["examples", *map(str, row_shape)])
+        raise QuarticError(f"{where} must have shape [{want}] (examples ≥ 1), got {a.shape}")
+    if a.dtype.kind not in "biuf":
+        raise QuarticError(f"{where} must be numeric, got dtype {a.dtype}")
+    bad = ~np.isfinite(a)
+    if bad.any():
+        raise QuarticError(f"{where} contains NaN or inf ({int(bad.sum())} entries)")
+    if vocab_size is None:
+        return a
+    if a.dtype.kind == "f" and (a != np.round(a)).any():
+        raise QuarticError(f"{where} must hold integer token ids, found {a[a != np.round(a)][0]}")
+    lo, hi = a.min(), a.max()
+    if lo < 0 or hi >= vocab_size:
+        raise QuarticError(
+            f"{where} has token ids from {int(lo)} to {int(hi)}; the model's vocabulary is "
+            f"[0, {vocab_size})"
+        )
+    return a
 
 
 # ----- pure losses and metrics -----
