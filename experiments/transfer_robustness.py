@@ -15,7 +15,9 @@ transformers and the synthetic synonym language (``quartic.tasks.synonyms``):
 3. attack the target test set (first ``n_attack`` rows) with the A2T attack at each budget (and
    unlimited), and record OAcc, AUA, ASR, mean queries, % words perturbed, confidence margin;
    ΔOAcc and ΔASR = transfer − direct per pair, per size, per architecture, mean ± std over seeds;
-4. the bridge to the first paper: at the start of the target fine-tune, the AIC quantities of the
+4. a linear bag-of-words baseline per task (logistic regression, exact fit) from its target and
+   its source train rows, to put the transformers' clean accuracy in scale;
+5. the bridge to the first paper: at the start of the target fine-tune, the AIC quantities of the
    robustness loss (cross-entropy on synonym-rewritten target examples) for the transferred and the
    direct models, and their Spearman correlation with ΔASR over the pairs.
 
@@ -25,7 +27,7 @@ carrying decoys in the other forms) and ``plain`` (no surface bias). The direct 
 source task, so it is shared by both settings.
 
     quartic run transfer_robustness --quick   # 4.7 min on a shared 2-core CPU (2 sizes, 1 setting)
-    quartic run transfer_robustness           # 39 min on a shared 2-core CPU (load ≈ 3), 182 units
+    quartic run transfer_robustness           # 39 min on a shared 2-core CPU (load ≈ 3), 188 units
     -> ΔOAcc and ΔASR (points) per size and architecture beside the paper's GPT-2 number
        (+3.67 accuracy, +20.4 ASR), whether they rise/shrink with size, and the bridge's Spearman ρ
 """
@@ -520,11 +522,36 @@ def bridge_unit(config: Config, out_dir, setting: str, arch: str, target: str) -
             "models": out}  # fmt: skip
 
 
+def baseline_unit(config: Config, setting: str, task: str) -> dict:
+    """A linear bag-of-words baseline (:func:`quartic.transfer.bow_logistic`) on ``task``: fitted
+    on its target train rows (what the direct arm sees) and on its source train rows (the source
+    stage's amount and distribution of data), both scored on its test split."""
+    lang, _, splits, _ = world(config)
+    split = splits[(setting, task)]
+    val = {k: v[: config.n_val_eval] for k, v in split.val.items()}
+    out = {"kind": "baseline", "setting": setting, "task": task}
+    for rows in ("target_train", "source_train"):
+        fit = tr.bow_logistic(getattr(split, rows), val, split.test, lang.vocab_size)
+        out[rows] = {
+            "n_rows": int(len(getattr(split, rows)["labels"])),
+            "test_accuracy": fit.test_accuracy,
+            "val_accuracy": fit.val_accuracy,
+            "l2": fit.l2,
+            "grad_norm": fit.grad_norm,
+        }
+    return out
+
+
 def _units(config: Config, out_dir):
     units = []
     pairs = config.pair_list()
     sources = sorted({s for s, _ in pairs})
     targets = sorted({t for _, t in pairs})
+    for setting in config.settings:
+        for task in sorted({*sources, *targets}):
+            units.append(
+                (f"baseline__{setting}__{task}", lambda g=setting, t=task: baseline_unit(config, g, t))
+            )
     for arch in config.archs:
         for size in config.sizes:
             units.append(
@@ -743,6 +770,11 @@ def run(config: Config, out_dir: pathlib.Path) -> dict:
     summary["source_test_accuracy"] = {
         k: r["source_test_accuracy"] for k, r in res.items() if r.get("kind") == "source"
     }
+    summary["bow_baseline"] = {
+        f"{r['setting']}|{r['task']}": {k: r[k] for k in ("target_train", "source_train")}
+        for r in res.values()
+        if r.get("kind") == "baseline"
+    }
     summary["unit_seconds"] = float(sum(r.get("seconds", 0.0) for r in sweep.records.values()))
     write_json_atomic(out_dir / "summary.json", summary)
     return summary
@@ -793,6 +825,23 @@ def table(summary: dict) -> list[dict]:
                 theory="< 0",
                 measured="n/a" if slope is None else f"{slope:+.1f}",
                 verdict="holds" if c["rise_shrinks_with_size"] else "does not hold",
+            )
+        )
+    for key, r in sorted(summary.get("bow_baseline", {}).items()):
+        setting, task = key.split("|")
+        rows.append(
+            dict(
+                quantity=(
+                    f"[{setting}] {task}: bag-of-words logistic baseline, test accuracy (%) from "
+                    f"{r['target_train']['n_rows']:,} target / {r['source_train']['n_rows']:,} "
+                    "source rows"
+                ),
+                theory="",
+                measured=(
+                    f"{100 * r['target_train']['test_accuracy']:.1f} / "
+                    f"{100 * r['source_train']['test_accuracy']:.1f}"
+                ),
+                verdict="",
             )
         )
     for key, r in summary.get("bridge", {}).items():
