@@ -550,7 +550,10 @@ def _units(config: Config, out_dir):
     for setting in config.settings:
         for task in sorted({*sources, *targets}):
             units.append(
-                (f"baseline__{setting}__{task}", lambda g=setting, t=task: baseline_unit(config, g, t))
+                (
+                    f"baseline__{setting}__{task}",
+                    lambda g=setting, t=task: baseline_unit(config, g, t),
+                )
             )
     for arch in config.archs:
         for size in config.sizes:

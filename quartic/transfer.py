@@ -559,7 +559,9 @@ def bow_logistic(
     """
     feats = {k: _bow_features(d["tokens"], vocab_size) for k, d in (("train", train), ("val", val),
                                                                     ("test", test))}  # fmt: skip
-    labels = {k: np.asarray(d["labels"]) for k, d in (("train", train), ("val", val), ("test", test))}
+    labels = {
+        k: np.asarray(d["labels"]) for k, d in (("train", train), ("val", val), ("test", test))
+    }
     for k, y in labels.items():
         if not np.isin(y, (0, 1)).all():
             raise QuarticError(f"bow_logistic needs labels in {{0, 1}}; the {k} split has others")

@@ -125,7 +125,16 @@ def test_cli_on_a_saved_model_that_is_not_aligned_warns_and_shows_the_linear_ter
 
     ckpt, _ = raw_checkpoint
     argv = _diagnose_argv(
-        ckpt, tmp_path / "out", "--loss", "refusal", "--lr", "0.01", "--horizon", "20", "--rank", "4"
+        ckpt,
+        tmp_path / "out",
+        "--loss",
+        "refusal",
+        "--lr",
+        "0.01",
+        "--horizon",
+        "20",
+        "--rank",
+        "4",
     )
     assert cli.main(argv) == 0
     out = capsys.readouterr().out
@@ -209,18 +218,88 @@ def _bad_data(tmp_path, world, kind):
         (("--rank", "2", "--horizon", "0"), None, "horizon must be at least 1 step"),
         (("--rank", "2", "--category", "99"), None, "category must be in [0, "),
         (("--rank", "2", "--threshold", "-1"), None, "threshold must be positive"),
-        (("--rank", "2",), "missing", "no data file"),
-        (("--rank", "2",), "not_numpy", "could not read"),
-        (("--rank", "2",), "nan", "'tokens' in"),
-        (("--rank", "2",), "nan_mask", "'mask' in"),
-        (("--rank", "2",), "out_of_vocab", "the model's vocabulary is [0, 34)"),
-        (("--rank", "2",), "fractional", "must hold integer token ids, found 1.5"),
-        (("--rank", "2",), "shape", "must have shape [examples, 12]"),
-        (("--rank", "2",), "no_tokens", "has no 'tokens' array (it holds: ids)"),
-        (("--rank", "2",), "empty_mask", "zero everywhere"),
+        (
+            (
+                "--rank",
+                "2",
+            ),
+            "missing",
+            "no data file",
+        ),
+        (
+            (
+                "--rank",
+                "2",
+            ),
+            "not_numpy",
+            "could not read",
+        ),
+        (
+            (
+                "--rank",
+                "2",
+            ),
+            "nan",
+            "'tokens' in",
+        ),
+        (
+            (
+                "--rank",
+                "2",
+            ),
+            "nan_mask",
+            "'mask' in",
+        ),
+        (
+            (
+                "--rank",
+                "2",
+            ),
+            "out_of_vocab",
+            "the model's vocabulary is [0, 34)",
+        ),
+        (
+            (
+                "--rank",
+                "2",
+            ),
+            "fractional",
+            "must hold integer token ids, found 1.5",
+        ),
+        (
+            (
+                "--rank",
+                "2",
+            ),
+            "shape",
+            "must have shape [examples, 12]",
+        ),
+        (
+            (
+                "--rank",
+                "2",
+            ),
+            "no_tokens",
+            "has no 'tokens' array (it holds: ids)",
+        ),
+        (
+            (
+                "--rank",
+                "2",
+            ),
+            "empty_mask",
+            "zero everywhere",
+        ),
         (("--rank", "2", "--task", "poetry"), None, "unknown task 'poetry'"),
         (("--rank", "2", "--data", "x.npz"), None, "not allowed with argument --task"),
-        (("--lr", "0.01",), None, "one of the arguments --rank --explained-variance is required"),
+        (
+            (
+                "--lr",
+                "0.01",
+            ),
+            None,
+            "one of the arguments --rank --explained-variance is required",
+        ),
     ],
 )
 def test_cli_diagnose_bad_input_is_one_line(

@@ -263,3 +263,29 @@ def test_bow_logistic_is_the_exact_penalised_optimum():
         assert float(penalised(w.at[i].add(1e-3))) > float(penalised(w))
     with pytest.raises(QuarticError, match="labels in"):
         tr.bow_logistic({**split(0), "labels": split(0)["labels"] + 1}, split(1), split(2), vocab)
+
+
+def test_schedule_probe_reproduces_the_direct_arm_and_tries_others(tiny_run, tmp_path):
+    """The probe's copy of the run's own schedule gives the run's direct units bit for bit (same
+    keys, same program); another schedule is a different fit; bad input is named."""
+    config, out, _ = tiny_run
+    probe = load_experiment("_transfer_lr_probe")
+    own = f"{config.lr:g}:{config.target_steps}:{config.batch_size}"
+    pc = probe.Config(
+        transfer_results=str(out), size="2k", archs=("encoder",), targets=("political",),
+        schedules=(own, "3e-4:12:8"),
+    )  # fmt: skip
+    summary = probe.run(pc, tmp_path / "probe")
+    assert summary["reproduces_run"] and summary["n_compared"] == 1
+    cells = summary["cells"]
+    assert set(cells) == {f"encoder|{own}", "encoder|3e-4:12:8"}
+    assert all(0 < s <= 12 for s in cells["encoder|3e-4:12:8"]["best_step"])
+    assert summary["bow_baseline"]["political"] == pytest.approx(
+        100 * read_json(out / "units" / "baseline__surface__political.json")["result"][
+            "target_train"]["test_accuracy"], abs=1e-12
+    )  # fmt: skip
+    assert [r["verdict"] for r in probe.table(summary)][-1] == "yes"
+    with pytest.raises(QuarticError, match="is not lr:steps:batch"):
+        probe.parse_schedule("3e-4/12")
+    with pytest.raises(QuarticError, match="no transfer_robustness run at"):
+        probe.run(dataclasses.replace(pc, transfer_results=str(tmp_path / "none")), tmp_path / "p2")
