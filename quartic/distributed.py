@@ -18,7 +18,9 @@ float64 with 4 host devices, ``tests/test_distributed.py``).
 Multi-host: call :func:`initialize` once per process (it wraps :func:`jax.distributed.initialize`);
 :func:`device_mesh` then spans the devices of every process, inputs are placed with
 :func:`jax.make_array_from_callback` (each process supplies the blocks its own devices hold, from the
-same host copy of the inputs), and :func:`to_host` gathers a result on every process.
+same host copy of the inputs), and :func:`to_host` gathers a result on every process. Tested as
+a real two-process job on one machine (CPU devices, gloo collectives):
+``tests/test_distributed.py::test_two_processes_equal_one_process``.
 
 On CPU, several host devices are simulated with ``XLA_FLAGS=--xla_force_host_platform_device_count=4``
 set before JAX initialises (a way to test sharding; on a 2-core machine it does not add speed).
