@@ -57,7 +57,8 @@ def initialize(
     Without arguments it initialises only where a cluster is detected (``JAX_COORDINATOR_ADDRESS``
     set, or a SLURM/Kubernetes/MPI environment that :func:`jax.distributed.initialize` auto-detects
     via ``QUARTIC_DISTRIBUTED=1``) and is a no-op on a single machine. Call it before any other JAX
-    call. Calling it twice is harmless.
+    call. Calling it twice is harmless. CPU devices use gloo collectives (chosen here if the
+    installed JAX has none set), so a CPU-only multi-process job works too.
     """
     if getattr(initialize, "_done", False):
         return True
@@ -65,6 +66,7 @@ def initialize(
     detected = "JAX_COORDINATOR_ADDRESS" in os.environ or os.environ.get("QUARTIC_DISTRIBUTED")
     if not (explicit or detected):
         return False
+    _cpu_collectives()
     jax.distributed.initialize(
         coordinator_address=coordinator_address,
         num_processes=num_processes,
@@ -73,6 +75,16 @@ def initialize(
     )
     initialize._done = True
     return True
+
+
+def _cpu_collectives() -> None:
+    """CPU devices of several processes talk through gloo; older JAX versions default to none."""
+    try:
+        current = jax.config.jax_cpu_collectives_implementation
+    except AttributeError:  # a JAX without the option: nothing to choose
+        return
+    if current in (None, "none"):
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
 
 
 def device_mesh(devices: Sequence[jax.Device] | None = None, axis_name: str = AXIS) -> Mesh:
