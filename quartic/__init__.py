@@ -9,9 +9,10 @@ Public API (see ``docs/`` for the map from the paper's definitions and theorems 
 - :class:`QuadraticProblem`, :class:`CurvedProblem` — model families with known geometry.
 - :mod:`quartic.dynamics` — gradient flow, gradient descent and optax runs, recorded.
 - :mod:`quartic.fitting` — log-log slopes and ratios.
+- :mod:`quartic.data` — a dataset given as a loader (iterable of batches) as one exact loss.
 """
 
-from quartic import curvature, dynamics, fitting, pytree, theory
+from quartic import curvature, data, dynamics, fitting, pytree, theory
 from quartic.aic import AICReport, Thresholds, check_aic
 from quartic.errors import DivergenceError, QuarticError
 from quartic.problems import (
@@ -34,6 +35,7 @@ __all__ = [
     "Thresholds",
     "check_aic",
     "curvature",
+    "data",
     "dynamics",
     "fitting",
     "make_curved",
