@@ -155,6 +155,8 @@ def diagnose(
       rank / explained_variance: the sensitive subspace's dimension d, or the share of the
         alignment curvature's trace it must hold (the smallest such d is used). One is required.
       horizon: number of gradient-descent steps to forecast (and run, with ``run=True``).
+      align_batch / ft_batch: the data each loss is called with (``loss(params, batch)``); a
+        dataset given as a loader becomes one with :func:`quartic.data.over_batches`.
       threshold: a Δu level whose crossing step is forecast (and measured).
       run: also run the fine-tuning (full-batch GD, one ``lax.scan``) and compare.
     """
