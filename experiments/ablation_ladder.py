@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import jet
 
-from quartic import dynamics, fitting, ladder, theory
+from quartic import dynamics, fitting, ladder, plotting, theory
 from quartic.problems import QuadraticSpec, make_curved, make_quadratic
 from quartic.runs import RunDir, run_sweep, write_json_atomic, write_jsonl_atomic
 
@@ -501,11 +501,7 @@ def plot(out_dir: pathlib.Path, fig_dir: pathlib.Path) -> list[pathlib.Path]:
                 fontsize=9,
             )
         ax.legend(fontsize=7)
-    fig.tight_layout()
-    path = pathlib.Path(fig_dir) / "ablation_ladder.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return [path]
+    return [plotting.save(fig, pathlib.Path(fig_dir) / "ablation_ladder.png")]
 
 
 def table(summary: dict) -> list[dict]:

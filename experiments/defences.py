@@ -861,11 +861,7 @@ def _transformer_rows(tx: dict | None) -> list[dict]:
 
 
 def plot(out_dir: pathlib.Path, fig_dir: pathlib.Path) -> list[pathlib.Path]:
-    units = {
-        p.stem: read_json(p)["result"]
-        for p in sorted((out_dir / "units").glob("*.json"))
-        if read_json(p)["status"] == "done"
-    }
+    units = RunDir(out_dir).done_results()
     summary = read_json(out_dir / "summary.json")
     th = units.get("theory")
     main = {r["defence"]: r for r in units.values() if r.get("setting") == "main"}

@@ -35,7 +35,7 @@ from matplotlib.ticker import NullFormatter
 import quartic as q
 from quartic import collapse, collapse_tasks, plotting, theory
 from quartic import forecast as fc
-from quartic.runs import RunDir, read_json, run_sweep, write_json_atomic
+from quartic.runs import RunDir, run_sweep, write_json_atomic
 from quartic.tasks import token_world as tw
 
 TITLE = "Time-to-threshold forecasts (quartic, second-order, monitored, peer) vs simulation"
@@ -442,11 +442,7 @@ def table(summary: dict) -> list[dict]:
 
 
 def plot(out_dir: pathlib.Path, fig_dir: pathlib.Path) -> list[pathlib.Path]:
-    units = [
-        read_json(p)["result"]
-        for p in sorted((out_dir / "units").glob("*.json"))
-        if read_json(p)["status"] == "done"
-    ]
+    units = list(RunDir(out_dir).done_results().values())
     by_family: dict[str, list] = {}
     for u in units:
         by_family.setdefault(u["family"], []).extend(u["problems"])

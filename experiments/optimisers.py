@@ -34,7 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from quartic import dynamics, fitting, ladder, theory
+from quartic import dynamics, fitting, ladder, plotting, theory
 from quartic.errors import DivergenceError, QuarticError
 from quartic.problems import QuadraticProblem, QuadraticSpec, make_quadratic
 from quartic.runs import RunDir, run_sweep, write_json_atomic, write_jsonl_atomic
@@ -605,11 +605,7 @@ def plot(out_dir: pathlib.Path, fig_dir: pathlib.Path) -> list[pathlib.Path]:
     ax.set_title("Adam: leading term (solid), full second-order forecast (dotted)", fontsize=9)
     ax.legend(fontsize=7)
 
-    fig.tight_layout()
-    path = pathlib.Path(fig_dir) / "optimisers.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return [path]
+    return [plotting.save(fig, pathlib.Path(fig_dir) / "optimisers.png")]
 
 
 def table(summary: dict) -> list[dict]:

@@ -22,7 +22,7 @@ import numpy as np
 
 import quartic as q
 from quartic import law, plotting, theory
-from quartic.runs import RunDir, read_json, run_sweep, write_json_atomic
+from quartic.runs import RunDir, run_sweep, write_json_atomic
 
 TITLE = "Quartic law on the quadratic and curved families (Cor 6.3), with the onset ladder"
 QUICK_SECONDS = 60
@@ -211,11 +211,7 @@ def table(summary: dict) -> list[dict]:
 
 
 def plot(out_dir: pathlib.Path, fig_dir: pathlib.Path) -> list[pathlib.Path]:
-    units = {
-        p.stem: read_json(p)["result"]
-        for p in sorted((out_dir / "units").glob("*.json"))
-        if read_json(p)["status"] == "done"
-    }
+    units = RunDir(out_dir).done_results()
     quad = [v for k, v in units.items() if k.startswith("quadratic_")]
     curved = [v for k, v in units.items() if k.startswith("curved_")]
     ladder = [v for k, v in units.items() if k.startswith("ladder_")]
