@@ -103,23 +103,19 @@ def run(config: Config, out_dir: pathlib.Path) -> dict:
         for t in config.targets
     ]
     res = run_sweep(units, out_dir, desc="_transfer_lr_probe").results
-    summary = summarise(config, tconfig, res)
+    summary = summarise(config, exp, tconfig, res)
     write_json_atomic(out_dir / "summary.json", summary)
     return summary
 
 
-def _stats(values) -> dict:
-    v = np.asarray(values, float)
-    return {"mean": float(v.mean()), "std": float(v.std(ddof=1)) if v.size > 1 else 0.0}
-
-
-def summarise(config: Config, tconfig, res: dict) -> dict:
+def summarise(config: Config, exp, tconfig, res: dict) -> dict:
     budget = tconfig.budget_names()[0]
     run_units = RunDir(config.transfer_results).done_results()
     own = f"{tconfig.lr:g}:{tconfig.target_steps}:{tconfig.batch_size}"
     cells, reproduced = {}, []
     for arch in config.archs:
         for schedule in config.schedules:
+            parsed = parse_schedule(schedule)
             recs = [res.get(_unit_name(arch, t, schedule)) for t in config.targets]
             if any(r is None for r in recs):
                 continue
@@ -133,11 +129,11 @@ def summarise(config: Config, tconfig, res: dict) -> dict:
             )
             best = [s["best_step"] for r in recs for s in r["per_seed"]]
             cells[f"{arch}|{schedule}"] = {
-                "arch": arch, "schedule": schedule, "oacc": _stats(100 * acc),
-                "asr": _stats(100 * asr), "best_step": best,
-                "best_at_end": float(np.mean(np.asarray(best) == parse_schedule(schedule)[1])),
+                "arch": arch, "schedule": schedule, "oacc": exp._mean_std(100 * acc),
+                "asr": exp._mean_std(100 * asr), "best_step": best,
+                "best_at_end": float(np.mean(np.asarray(best) == parsed[1])),
             }  # fmt: skip
-            if parse_schedule(schedule) == (tconfig.lr, tconfig.target_steps, tconfig.batch_size):
+            if parsed == (tconfig.lr, tconfig.target_steps, tconfig.batch_size):
                 for r in recs:
                     name = f"direct__{arch}__{config.size}__full__{r['target']}"
                     if name in run_units:

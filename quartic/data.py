@@ -74,7 +74,7 @@ def stack_batches(loader: Iterable[PyTree], max_batches: int | None = None) -> P
     return jax.tree_util.tree_unflatten(first_tree, [np.stack(col) for col in columns])
 
 
-@functools.cache
+@functools.lru_cache(maxsize=64)
 def _mean_over_batches(loss_fn: Callable) -> Callable:
     # One wrapper per loss function, so that jitted callers see the same function object each time
     # (their compilation caches are keyed on it).

@@ -532,19 +532,21 @@ def _bow_newton(x, y, l2, max_iter=100, tol=1e-12):
     n, p = x.shape
     reg = np.full(p, l2)
     reg[-1] = 0.0
+
+    def prob_grad(w):
+        prob = 0.5 * (1.0 + np.tanh(0.5 * (x @ w)))  # σ(xw) without overflow
+        return prob, x.T @ (prob - y) / n + reg * w
+
     w = np.zeros(p)
     for _ in range(max_iter):
-        z = x @ w
-        prob = 0.5 * (1.0 + np.tanh(0.5 * z))  # σ(z) without overflow
-        grad = x.T @ (prob - y) / n + reg * w
+        prob, grad = prob_grad(w)
+        # the tiny ridge keeps the solve defined for a feature that is always 0 (PAD) when l2 = 0
         hess = (x.T * (prob * (1 - prob))) @ x / n + np.diag(reg) + 1e-12 * np.eye(p)
         step = np.linalg.solve(hess, grad)
         w -= step
         if np.max(np.abs(step)) < tol * max(1.0, np.max(np.abs(w))):
             break
-    z = x @ w
-    grad = x.T @ (0.5 * (1.0 + np.tanh(0.5 * z)) - y) / n + reg * w
-    return w, float(np.linalg.norm(grad))
+    return w, float(np.linalg.norm(prob_grad(w)[1]))
 
 
 def bow_logistic(
@@ -557,11 +559,9 @@ def bow_logistic(
     checkpoint. Each split is ``{"tokens": int[N, T], "labels": int[N]}`` with labels in {0, 1}.
     It tells how much of the task a model that only counts words can learn from the same rows.
     """
-    feats = {k: _bow_features(d["tokens"], vocab_size) for k, d in (("train", train), ("val", val),
-                                                                    ("test", test))}  # fmt: skip
-    labels = {
-        k: np.asarray(d["labels"]) for k, d in (("train", train), ("val", val), ("test", test))
-    }
+    splits = {"train": train, "val": val, "test": test}
+    feats = {k: _bow_features(d["tokens"], vocab_size) for k, d in splits.items()}
+    labels = {k: np.asarray(d["labels"]) for k, d in splits.items()}
     for k, y in labels.items():
         if not np.isin(y, (0, 1)).all():
             raise QuarticError(f"bow_logistic needs labels in {{0, 1}}; the {k} split has others")

@@ -78,8 +78,8 @@ __all__ = [
     "kl_logit_shift",
     "kl_to_reference",
     "lm_loss",
-    "load_batch",
     "lm_loss_from_logits",
+    "load_batch",
     "refusal_loss",
     "refusal_loss_from_logits",
 ]
