@@ -47,7 +47,8 @@ from common import (  # noqa: E402
     time_jit,
 )
 
-from quartic import aic, curvature, dynamics, problems, pytree, training  # noqa: E402
+from quartic.core import aic, curvature, dynamics, problems, pytree  # noqa: E402
+from quartic.studies import training  # noqa: E402
 
 SECTIONS = ("hvp", "train", "dense", "lanczos", "lanczos_1m", "aic", "sweep", "peers")
 _cache: dict = {}

@@ -5,7 +5,7 @@ its extreme eigenvalues and second moment tr(A²)/n. Theory (Wigner's semicircle
 eigenvalue tends to 2 and E[tr(A²)/n] = 1 + 1/n. A `delay` per unit makes the sweep slow enough
 for the tests to interrupt it midway.
 
-    python -m quartic.cli run _example_sweep --quick        # < 1 s on a 2-core CPU
+    python -m quartic.harness.cli run _example_sweep --quick        # < 1 s on a 2-core CPU
     -> mean top eigenvalue ≈ 1.93 (theory 2), second moment ≈ 1.02 (theory 1 + 1/n)
 """
 
@@ -18,7 +18,7 @@ import time
 
 import numpy as np
 
-from quartic.runs import RunDir, run_sweep, write_json_atomic, write_jsonl_atomic
+from quartic.harness.runs import RunDir, run_sweep, write_json_atomic, write_jsonl_atomic
 
 TITLE = "Example sweep: GOE top eigenvalue vs the semicircle edge (test fixture)"
 QUICK_SECONDS = 0.5
@@ -124,6 +124,6 @@ def table(summary: dict) -> list[dict]:
 
 
 if __name__ == "__main__":
-    from quartic.cli import main
+    from quartic.harness.cli import main
 
     raise SystemExit(main(["run", "_example_sweep", *sys.argv[1:]]))

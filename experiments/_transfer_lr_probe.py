@@ -21,11 +21,11 @@ import sys
 
 import numpy as np
 
-from quartic import plotting
-from quartic.cli import load_experiment
-from quartic.config import config_from_dict
-from quartic.errors import QuarticError
-from quartic.runs import RunDir, read_json, run_sweep, write_json_atomic
+from quartic.core.errors import QuarticError
+from quartic.harness import plotting
+from quartic.harness.cli import load_experiment
+from quartic.harness.config import config_from_dict
+from quartic.harness.runs import RunDir, read_json, run_sweep, write_json_atomic
 
 TITLE = "Probe: other fine-tuning schedules for transfer_robustness's direct arm"
 QUICK_SECONDS = 35.0  # measured 32 s on 2 cores (the main run's cache present)
@@ -213,6 +213,6 @@ def plot(out_dir: pathlib.Path, fig_dir: pathlib.Path) -> list[pathlib.Path]:
 
 
 if __name__ == "__main__":
-    from quartic.cli import main
+    from quartic.harness.cli import main
 
     raise SystemExit(main(["run", "_transfer_lr_probe", *sys.argv[1:]]))

@@ -2,9 +2,9 @@
 
 On the quadratic family (exact flow, float64) each rung's onset exponent is fitted on a geometric
 grid of t two decades wide, ending at ``min(10⁻³/λ_max(H), t×/100)`` (deep inside the expansion and
-before the crossover), and compared with ``quartic.theory.LADDER``: leak → 2 then 4 after
+before the crossover), and compared with ``quartic.core.theory.LADDER``: leak → 2 then 4 after
 t× (``theory.crossover_time``), Fisher tail → 2 then 4, PHg = 0 → 6, no coupling → Δu ≡ 0. The
-exponent after t× is fitted on the window predicted from θ* alone (``quartic.ladder``). The curved
+exponent after t× is fitted on the window predicted from θ* alone (``quartic.studies.ladder``). The curved
 family (RK4 flow) is measured the same way against the exact Taylor-mode onset order.
 
 Then the window of slope 4 ± tol as a phase diagram over (leak, coupling): measured from the exact
@@ -12,7 +12,7 @@ flow, and predicted from the Taylor coefficients of Δu at θ* alone, at three o
 Taylor-6 (the slope of Σ_{k≤6} c_k t^k), next order (left edge from c₂…c₄, right edge
 ``t₀ = tol·|c₄/c₅|``) and leading order (``t×·√((2 − tol)/tol) < tol/|s|``).
 
-    python -m quartic.cli run ablation_ladder --quick --figures figures   # ~20 s, 2-core CPU
+    python -m quartic.harness.cli run ablation_ladder --quick --figures figures   # ~20 s, 2-core CPU
     -> every quadratic rung within 0.03 of its predicted exponent (acceptance 0.1); phase agreement
        0.988 (Taylor-6), 0.951 (next order), 0.914 (leading order) over 3 seeds × 81 cells
 """
@@ -29,9 +29,11 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import jet
 
-from quartic import dynamics, fitting, ladder, plotting, theory
-from quartic.problems import QuadraticSpec, make_curved, make_quadratic
-from quartic.runs import RunDir, run_sweep, write_json_atomic, write_jsonl_atomic
+from quartic.core import dynamics, fitting, theory
+from quartic.core.problems import QuadraticSpec, make_curved, make_quadratic
+from quartic.harness import plotting
+from quartic.harness.runs import RunDir, run_sweep, write_json_atomic, write_jsonl_atomic
+from quartic.studies import ladder
 
 TITLE = "Ablation ladder: onset exponents 2/4/6/none, and the (leak, coupling) window of slope 4"
 QUICK_SECONDS = 20.0
@@ -194,7 +196,7 @@ def ladder_curved(config: Config) -> dict:
 
 
 def aic_crossover(config: Config) -> dict:
-    from quartic.aic import check_aic
+    from quartic.core.aic import check_aic
 
     spec = ladder.ladder_specs(_spec(config), config.leak, config.tail)["first_order_leak"]
     prob, _ = make_quadratic(jax.random.PRNGKey(config.seed), spec)
@@ -245,7 +247,7 @@ def _arr(rows) -> np.ndarray:
     return np.array([[-np.inf if v is None else v for v in row] for row in rows], float)
 
 
-#: The three predictions of the window, most refined first (quartic.ladder).
+#: The three predictions of the window, most refined first (quartic.studies.ladder).
 PREDICTIONS = ("taylor", "next_order", "leading")
 
 
@@ -564,6 +566,6 @@ def table(summary: dict) -> list[dict]:
 
 
 if __name__ == "__main__":
-    from quartic.cli import main
+    from quartic.harness.cli import main
 
     raise SystemExit(main(["run", "ablation_ladder", *sys.argv[1:]]))

@@ -1,7 +1,7 @@
 """Defences against alignment collapse at equal fine-tuning progress (docs/defences.md).
 
 On the curved family (``φ(θ) = θ + c‖θ‖²``: the Fisher's top subspace M(θ) rotates as θ moves;
-AIC exact at θ*: Pg = 0, no Fisher tail), every defence of :mod:`quartic.defences` fine-tunes by
+AIC exact at θ*: Pg = 0, no Fisher tail), every defence of :mod:`quartic.studies.defences` fine-tunes by
 full-batch steps of size ``lr`` until the task loss has lost ``fraction`` of its initial excess
 ``L_FT(θ*) − min L_FT``; Δu is read there (interpolated between the two bracketing steps). Also:
 the same with a Fisher tail (a first-order leak no rank-d defence removes), and a sweep over the
@@ -9,7 +9,7 @@ curvature ``‖c‖`` (how far M rotates) for the projection defences. Figures o
 leading terms (c₄t⁴ for the plain and fixed-projection flows, ``a t²`` for tracking).
 
 The ``transformer`` setting runs the same defences on the small aligned transformer
-(:mod:`quartic.collapse_tasks`: L_A = the KL drift on a harm category, whose Hessian at θ* is the
+(:mod:`quartic.studies.collapse_tasks`: L_A = the KL drift on a harm category, whose Hessian at θ* is the
 true Fisher; L_FT = each benign task's LM loss), with ``lr = lr_λ/λ_max(H_FT(θ*))`` per task and
 equal progress = the task loss plain fine-tuning has after ``transformer_ref_steps`` steps; it also
 records why the projections stop where they do (the Fisher mass of the step outside M).
@@ -34,9 +34,11 @@ import jax.numpy as jnp
 import numpy as np
 
 import quartic as q
-from quartic import collapse, collapse_tasks, curvature, dynamics, plotting, theory
-from quartic import defences as D
-from quartic.runs import RunDir, read_json, run_sweep, write_json_atomic
+from quartic.core import curvature, dynamics, theory
+from quartic.harness import plotting
+from quartic.harness.runs import RunDir, read_json, run_sweep, write_json_atomic
+from quartic.studies import collapse, collapse_tasks
+from quartic.studies import defences as D
 from quartic.tasks import token_world as tw
 
 TITLE = (
@@ -81,7 +83,7 @@ class Config:
     lora_random_ranks: tuple[int, ...] = (20, 30)
     only: tuple[str, ...] = ()  # run only these defences (by name); empty: all
     seed: int = 0
-    # the small transformer (quartic.collapse_tasks, docs/defences.md §5); () leaves it out
+    # the small transformer (quartic.studies.collapse_tasks, docs/defences.md §5); () leaves it out
     transformer_tasks: tuple[str, ...] = tw.BENIGN_TASKS
     transformer_preset: str = "2k"
     transformer_category: int = 0
@@ -1009,6 +1011,6 @@ def _plot_transformer(axes, tx_units: dict, tx: dict | None) -> None:
 
 
 if __name__ == "__main__":
-    import quartic.cli
+    import quartic.harness.cli
 
-    raise SystemExit(quartic.cli.main(["run", "defences", *sys.argv[1:]]))
+    raise SystemExit(quartic.harness.cli.main(["run", "defences", *sys.argv[1:]]))

@@ -9,9 +9,9 @@ log-uniform in ``u_range``. The crossing time is then predicted from θ* alone (
 (the second-order forecast re-made every ``check_every`` steps; the prediction available with
 ``lead`` of the time still to go), and compared with the simulated crossing.
 
-The ``transformer`` family is the small aligned transformer (:mod:`quartic.collapse_tasks`): for
+The ``transformer`` family is the small aligned transformer (:mod:`quartic.studies.collapse_tasks`): for
 every benign task, L_A = the KL drift on a harm category, L_FT = the task's LM loss, the same step
-rule and checks, θ* quantities by Lanczos (:func:`quartic.forecast.diagnose_lanczos`), and
+rule and checks, θ* quantities by Lanczos (:func:`quartic.studies.forecast.diagnose_lanczos`), and
 ``transformer_thresholds`` thresholds per task, crossed at t·λ_max log-spaced in ``u_range``.
 
     quartic run forecast --quick        # about 1 min on a 2-core CPU (45 s: 3 transformer tasks)
@@ -33,9 +33,11 @@ import numpy as np
 from matplotlib.ticker import NullFormatter
 
 import quartic as q
-from quartic import collapse, collapse_tasks, plotting, theory
-from quartic import forecast as fc
-from quartic.runs import RunDir, run_sweep, write_json_atomic
+from quartic.core import theory
+from quartic.harness import plotting
+from quartic.harness.runs import RunDir, run_sweep, write_json_atomic
+from quartic.studies import collapse, collapse_tasks
+from quartic.studies import forecast as fc
 from quartic.tasks import token_world as tw
 
 TITLE = "Time-to-threshold forecasts (quartic, second-order, monitored, peer) vs simulation"
@@ -530,6 +532,6 @@ def plot(out_dir: pathlib.Path, fig_dir: pathlib.Path) -> list[pathlib.Path]:
 
 
 if __name__ == "__main__":
-    import quartic.cli
+    import quartic.harness.cli
 
-    raise SystemExit(quartic.cli.main(["run", "forecast", *sys.argv[1:]]))
+    raise SystemExit(quartic.harness.cli.main(["run", "forecast", *sys.argv[1:]]))

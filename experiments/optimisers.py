@@ -1,8 +1,8 @@
 """Other optimisers: noisy SGD, heavy-ball momentum and Adam, their leading Δu terms checked.
 
 On the quadratic family (θ* = 0, Pg = 0, no Fisher tail; float64), each optimiser's first steps
-are expanded in the learning rate (docs/optimisers.md) and the forecast in ``quartic.theory`` is
-compared with the simulated optimiser (``quartic.dynamics.run_optimizer`` with optax):
+are expanded in the learning rate (docs/optimisers.md) and the forecast in ``quartic.core.theory`` is
+compared with the simulated optimiser (``quartic.core.dynamics.run_optimizer`` with optax):
 
 - SGD with additive Gaussian gradient noise of covariance Σ (vmapped over noise seeds):
   ``E Δu ≈ ½ η t tr(FΣ) + γ_F² t⁴/8``; the crossover ``t_c = (4η tr(FΣ)/γ_F²)^{1/3}`` is measured
@@ -16,7 +16,7 @@ compared with the simulated optimiser (``quartic.dynamics.run_optimizer`` with o
   the coupling term (η⁴). Acceptance: each leading term within 10 % over the first
   ``adam_steps`` steps (b1 ≠ b2; with b1 = b2 the coupling term cancels, reported).
 
-    python -m quartic.cli run optimisers --quick --figures figures    # ~25 s on a 2-core CPU
+    python -m quartic.harness.cli run optimisers --quick --figures figures    # ~25 s on a 2-core CPU
     -> SGD crossover within 6 % at three noise levels (acceptance 25 %); heavy ball within 4 %,
        Adam's leading terms within 0.5 % (acceptance 10 %)
 """
@@ -34,10 +34,12 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from quartic import dynamics, fitting, ladder, plotting, theory
-from quartic.errors import DivergenceError, QuarticError
-from quartic.problems import QuadraticProblem, QuadraticSpec, make_quadratic
-from quartic.runs import RunDir, run_sweep, write_json_atomic, write_jsonl_atomic
+from quartic.core import dynamics, fitting, theory
+from quartic.core.errors import DivergenceError, QuarticError
+from quartic.core.problems import QuadraticProblem, QuadraticSpec, make_quadratic
+from quartic.harness import plotting
+from quartic.harness.runs import RunDir, run_sweep, write_json_atomic, write_jsonl_atomic
+from quartic.studies import ladder
 
 TITLE = "Other optimisers: noisy SGD crossover, heavy-ball and Adam leading terms vs simulation"
 QUICK_SECONDS = 25.0
@@ -658,6 +660,6 @@ def table(summary: dict) -> list[dict]:
 
 
 if __name__ == "__main__":
-    from quartic.cli import main
+    from quartic.harness.cli import main
 
     raise SystemExit(main(["run", "optimisers", *sys.argv[1:]]))

@@ -21,8 +21,10 @@ import jax
 import numpy as np
 
 import quartic as q
-from quartic import law, plotting, theory
-from quartic.runs import RunDir, run_sweep, write_json_atomic
+from quartic.core import theory
+from quartic.harness import plotting
+from quartic.harness.runs import RunDir, run_sweep, write_json_atomic
+from quartic.studies import law
 
 TITLE = "Quartic law on the quadratic and curved families (Cor 6.3), with the onset ladder"
 QUICK_SECONDS = 60
@@ -314,6 +316,6 @@ def plot(out_dir: pathlib.Path, fig_dir: pathlib.Path) -> list[pathlib.Path]:
 
 
 if __name__ == "__main__":
-    import quartic.cli
+    import quartic.harness.cli
 
-    raise SystemExit(quartic.cli.main(["run", "quartic_law", *sys.argv[1:]]))
+    raise SystemExit(quartic.harness.cli.main(["run", "quartic_law", *sys.argv[1:]]))

@@ -4,7 +4,7 @@ THEORY.md §5 (Turbal et al., arXiv:2501.00066) at small scale, end to end on th
 transformers and the synthetic synonym language (``quartic.tasks.synonyms``):
 
 1. pretrain a language model per (size, architecture, seed): the decoder by next-token prediction,
-   the encoder by masked-token prediction (``quartic.transfer``); bodies cached under
+   the encoder by masked-token prediction (``quartic.studies.transfer``); bodies cached under
    ``OUT/cache/pretrained``;
 2. *direct*: pretrained → small target train (5 % of the source size); *transfer*: pretrained →
    large source train → the same target train, the 2-way head carried over; all 6 source → target
@@ -44,14 +44,14 @@ import jax
 import numpy as np
 from matplotlib.ticker import NullFormatter
 
-from quartic import checkpoint, plotting
-from quartic import transfer as tr
-from quartic.attack import AttackConfig, synonym_table
-from quartic.collapse import spearman
-from quartic.errors import QuarticError
+from quartic.core.errors import QuarticError
+from quartic.harness import checkpoint, plotting
+from quartic.harness.runs import RunDir, read_json, run_sweep, write_json_atomic
 from quartic.models.transformer import PRESETS, count_params
-from quartic.robustness_metrics import robustness_metrics
-from quartic.runs import RunDir, read_json, run_sweep, write_json_atomic
+from quartic.studies import transfer as tr
+from quartic.studies.attack import AttackConfig, synonym_table
+from quartic.studies.collapse import spearman
+from quartic.studies.robustness_metrics import robustness_metrics
 from quartic.tasks import synonyms as syn
 
 TITLE = "Transfer learning vs adversarial robustness (ΔOAcc, ΔASR by model size) and the AIC bridge"
@@ -294,7 +294,7 @@ def _cache_dir(out_dir: pathlib.Path) -> pathlib.Path:
 
 def _cached(out_dir, kind: str, name: str, cfg, compute) -> tuple[list[dict], dict]:
     """``n_seeds`` models and their info from the checkpoint ``cache/<kind>/<name>/`` (the seeds
-    stacked, :func:`quartic.transfer.save_params`) if it is complete, else from
+    stacked, :func:`quartic.studies.transfer.save_params`) if it is complete, else from
     ``compute() -> (params stacked, info)``, then saved."""
     path = _cache_dir(out_dir) / kind / name
     if checkpoint.exists(path):
@@ -523,7 +523,7 @@ def bridge_unit(config: Config, out_dir, setting: str, arch: str, target: str) -
 
 
 def baseline_unit(config: Config, setting: str, task: str) -> dict:
-    """A linear bag-of-words baseline (:func:`quartic.transfer.bow_logistic`) on ``task``: fitted
+    """A linear bag-of-words baseline (:func:`quartic.studies.transfer.bow_logistic`) on ``task``: fitted
     on its target train rows (what the direct arm sees) and on its source train rows (the source
     stage's amount and distribution of data), both scored on its test split."""
     lang, _, splits, _ = world(config)
@@ -961,6 +961,6 @@ def plot(out_dir: pathlib.Path, fig_dir: pathlib.Path) -> list[pathlib.Path]:
 
 
 if __name__ == "__main__":
-    import quartic.cli
+    import quartic.harness.cli
 
-    raise SystemExit(quartic.cli.main(["run", "transfer_robustness", *sys.argv[1:]]))
+    raise SystemExit(quartic.harness.cli.main(["run", "transfer_robustness", *sys.argv[1:]]))

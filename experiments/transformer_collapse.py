@@ -24,9 +24,11 @@ import sys
 import jax
 import numpy as np
 
-from quartic import collapse, curvature, plotting
-from quartic.errors import QuarticError
-from quartic.runs import RunDir, run_sweep, write_json_atomic
+from quartic.core import curvature
+from quartic.core.errors import QuarticError
+from quartic.harness import plotting
+from quartic.harness.runs import RunDir, run_sweep, write_json_atomic
+from quartic.studies import collapse
 from quartic.tasks import token_world as tw
 
 TITLE = "Alignment collapse in a small transformer: exact Fisher, forecast vs Δu, overlap vs harm"
@@ -582,6 +584,6 @@ def plot(out_dir: pathlib.Path, fig_dir: pathlib.Path) -> list[pathlib.Path]:
 
 
 if __name__ == "__main__":
-    import quartic.cli
+    import quartic.harness.cli
 
-    raise SystemExit(quartic.cli.main(["run", "transformer_collapse", *sys.argv[1:]]))
+    raise SystemExit(quartic.harness.cli.main(["run", "transformer_collapse", *sys.argv[1:]]))

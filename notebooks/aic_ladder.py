@@ -28,7 +28,9 @@ import jax.numpy as jnp
 import numpy as np
 
 import quartic as q
-from quartic import fitting, law, plotting, theory
+from quartic.core import fitting, theory
+from quartic.harness import plotting
+from quartic.studies import law
 
 OUT = pathlib.Path(os.environ.get("QUARTIC_NOTEBOOK_OUT") or tempfile.mkdtemp(prefix="quartic_"))
 SPECS = {

@@ -23,7 +23,8 @@ import jax.numpy as jnp
 import numpy as np
 
 import quartic as q
-from quartic import fitting, plotting, theory
+from quartic.core import fitting, theory
+from quartic.harness import plotting
 
 OUT = pathlib.Path(os.environ.get("QUARTIC_NOTEBOOK_OUT") or tempfile.mkdtemp(prefix="quartic_"))
 D = 3

@@ -5,7 +5,7 @@
 # on a small *target* task either **directly** or **through a large source task** first, and finds
 # that transfer raises clean accuracy (OAcc) but also the success rate of a synonym-substitution
 # attack (ASR). quartic reproduces the protocol on its own transformers and a synthetic synonym
-# language (`quartic.transfer`, `quartic.tasks.synonyms`, the A2T-style attack of `quartic.attack`).
+# language (`quartic.studies.transfer`, `quartic.tasks.synonyms`, the A2T-style attack of `quartic.studies.attack`).
 #
 # This notebook runs one cell of that protocol: a 7k-parameter decoder pretrained by next-token
 # prediction, the pair `hate > political`, 3 seeds, once with the **surface-form knob** on (the
@@ -30,10 +30,10 @@ import jax
 jax.config.update("jax_enable_x64", True)
 import numpy as np
 
-from quartic import plotting
-from quartic import transfer as tr
-from quartic.attack import AttackConfig, synonym_table
-from quartic.robustness_metrics import robustness_metrics
+from quartic.harness import plotting
+from quartic.studies import transfer as tr
+from quartic.studies.attack import AttackConfig, synonym_table
+from quartic.studies.robustness_metrics import robustness_metrics
 from quartic.tasks import synonyms as syn
 
 OUT = pathlib.Path(os.environ.get("QUARTIC_NOTEBOOK_OUT") or tempfile.mkdtemp(prefix="quartic_"))

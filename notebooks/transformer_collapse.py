@@ -2,7 +2,7 @@
 # # The transformer collapse in miniature, exactly
 #
 # A 2,184-parameter causal transformer (float64) is pretrained on quartic's token world and aligned
-# to answer REFUSE on one harm category (θ*, `quartic.training.make_aligned_model`). Everything
+# to answer REFUSE on one harm category (θ*, `quartic.studies.training.make_aligned_model`). Everything
 # below is exact: the true Fisher of the skill is a dense 2184 × 2184 matrix, the Taylor
 # coefficients of Δu come from Taylor-mode AD (`theory.taylor_onsets`), and Δu is simulated along
 # the gradient flow (RK4). The alignment loss is the **KL drift** from θ*'s own answers
@@ -26,10 +26,12 @@ jax.config.update("jax_enable_x64", True)
 import jax.numpy as jnp
 import numpy as np
 
-from quartic import collapse, curvature, dynamics, fitting, plotting, theory
+from quartic.core import curvature, dynamics, fitting, theory
+from quartic.harness import plotting
 from quartic.models import TransformerConfig
+from quartic.studies import collapse
+from quartic.studies.training import make_aligned_model
 from quartic.tasks import token_world as tw
-from quartic.training import make_aligned_model
 
 OUT = pathlib.Path(os.environ.get("QUARTIC_NOTEBOOK_OUT") or tempfile.mkdtemp(prefix="quartic_"))
 world = tw.TokenWorld(tw.WorldConfig(seed=0))

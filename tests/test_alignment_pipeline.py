@@ -10,10 +10,9 @@ import pytest
 from flax import nnx
 from jax.flatten_util import ravel_pytree
 
-from quartic import training as training_module
 from quartic.models import LoRAParam, Transformer, TransformerConfig, count_params, functional
-from quartic.tasks import token_world as tw
-from quartic.training import (
+from quartic.studies import training as training_module
+from quartic.studies.training import (
     AlignConfig,
     TrainingDivergedError,
     checkpoint_key,
@@ -23,6 +22,7 @@ from quartic.training import (
     save_theta_star,
     train,
 )
+from quartic.tasks import token_world as tw
 
 
 def regression(n=64, d=5, seed=0):

@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from quartic.attack import (
+from quartic.core.errors import QuarticError
+from quartic.studies.attack import (
     FAILED,
     SKIPPED,
     SUCCEEDED,
@@ -24,8 +25,7 @@ from quartic.attack import (
     max_perturbed_words,
     synonym_table,
 )
-from quartic.errors import QuarticError
-from quartic.robustness_metrics import robustness_metrics
+from quartic.studies.robustness_metrics import robustness_metrics
 from quartic.tasks.synonyms import (
     LanguageConfig,
     TaskDataConfig,

@@ -1,10 +1,10 @@
-"""quartic.checkpoint: orbax round trip, legacy .npz, mismatches named, incomplete saves invisible."""
+"""quartic.harness.checkpoint: orbax round trip, legacy .npz, mismatches named, incomplete saves invisible."""
 
 import numpy as np
 import pytest
 
-from quartic import checkpoint
-from quartic.errors import QuarticError
+from quartic.core.errors import QuarticError
+from quartic.harness import checkpoint
 
 PARAMS = {"blocks": {0: {"kernel": np.arange(6.0).reshape(2, 3)}}, "scale": np.ones(2, np.float32)}
 

@@ -8,15 +8,14 @@ import signal
 import subprocess
 import sys
 import time
-import types
 from typing import Literal, Optional
 
 import pytest
 
-from quartic import cli
-from quartic.config import apply_overrides, config_from_dict, config_keys, config_to_dict
-from quartic.errors import QuarticError
-from quartic.runs import read_json, read_jsonl
+from quartic.core.errors import QuarticError
+from quartic.harness import cli
+from quartic.harness.config import apply_overrides, config_from_dict, config_keys, config_to_dict
+from quartic.harness.runs import read_json, read_jsonl
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -158,7 +157,7 @@ def _one_line_error(err: str) -> str:
 def test_unknown_experiment_in_a_real_process(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     proc = subprocess.run(
-        [sys.executable, "-m", "quartic.cli", "run", "no_such_experiment"],
+        [sys.executable, "-m", "quartic.harness.cli", "run", "no_such_experiment"],
         cwd=tmp_path,
         env=env,
         capture_output=True,
@@ -210,17 +209,14 @@ def test_missing_experiments_folder(tmp_path, monkeypatch, capsys):
     assert "no experiments folder at" in _one_line_error(capsys.readouterr().err)
 
 
-def test_diagnose_dispatches_or_says_it_is_missing(monkeypatch, capsys):
-    monkeypatch.setitem(sys.modules, "quartic.diagnose", None)
-    assert cli.main(["diagnose", "ckpt"]) == 2
-    assert "quartic diagnose` is not available" in _one_line_error(capsys.readouterr().err)
-
-    seen = []
-    fake = types.ModuleType("quartic.diagnose")
-    fake.cli_main = lambda args: seen.append(args) or 3
-    monkeypatch.setitem(sys.modules, "quartic.diagnose", fake)
-    assert cli.main(["diagnose", "ckpt", "--rank", "4", "--help"]) == 3
-    assert seen == [["ckpt", "--rank", "4", "--help"]]
+def test_diagnose_is_a_subcommand_with_its_own_help(capsys):
+    assert cli.main(["diagnose", "--help"]) == 0
+    out = capsys.readouterr().out
+    assert (
+        "usage: quartic diagnose" in out and "--checkpoint" in out and "--explained-variance" in out
+    )
+    assert cli.main(["diagnose", "--lr", "1e-3"]) == 2  # no --checkpoint: one line, exit 2
+    assert "--checkpoint" in _one_line_error(capsys.readouterr().err)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -229,7 +225,7 @@ def test_diagnose_dispatches_or_says_it_is_missing(monkeypatch, capsys):
 FAKE = '''
 """Fake experiment {name}."""
 import dataclasses, json, pathlib
-from quartic.errors import DivergenceError
+from quartic.core.errors import DivergenceError
 
 TITLE = "Fake {name}"
 QUICK_SECONDS = 90
@@ -396,7 +392,7 @@ def test_sigkill_midway_then_resume_matches_an_uninterrupted_run(tmp_path, capsy
     args = ["run", "_example_sweep", "--quick", "--out", str(out)]
     sets = ["--set", "delay=0.25", f"log_file={log}"]
     proc, finished = _interrupt(
-        [sys.executable, "-m", "quartic.cli", *args, *sets], out, signal.SIGKILL, tmp_path
+        [sys.executable, "-m", "quartic.harness.cli", *args, *sets], out, signal.SIGKILL, tmp_path
     )
     assert proc.returncode == -signal.SIGKILL
     capsys.readouterr()
@@ -433,7 +429,7 @@ def test_reproduce_leaves_out_experiments_not_in_quick_reproduce(tmp_path, monke
         "    def quick(cls):\n"
         "        return cls()\n"
         "def run(config, out_dir):\n"
-        "    from quartic.runs import RunDir, write_json_atomic\n"
+        "    from quartic.harness.runs import RunDir, write_json_atomic\n"
         "    RunDir(out_dir).write_config(config)\n"
         "    write_json_atomic(out_dir / 'summary.json', {'x': 1})\n"
         "    return {'x': 1}\n"
@@ -443,7 +439,7 @@ def test_reproduce_leaves_out_experiments_not_in_quick_reproduce(tmp_path, monke
     (exp / "fast.py").write_text(body)
     (exp / "slow.py").write_text(body + "IN_QUICK_REPRODUCE = False\n")
     monkeypatch.setenv("QUARTIC_EXPERIMENTS_DIR", str(exp))
-    from quartic import cli as cli_module
+    from quartic.harness import cli as cli_module
 
     out = tmp_path / "out"
     assert cli_module.main(["reproduce", "--out", str(out), "--figures", str(tmp_path / "f")]) == 0

@@ -1,4 +1,4 @@
-"""The transformer experiment's engine (quartic.collapse) on the 2k-parameter θ*: issue 3's
+"""The transformer experiment's engine (quartic.studies.collapse) on the 2k-parameter θ*: issue 3's
 exactness claims, asserted on a real aligned model (float64)."""
 
 import jax
@@ -6,11 +6,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from quartic import collapse, theory
+from quartic.core import theory
+from quartic.core.problems import QuadraticSpec, make_quadratic
 from quartic.models import TransformerConfig
-from quartic.problems import QuadraticSpec, make_quadratic
+from quartic.studies import collapse
+from quartic.studies.training import make_aligned_model
 from quartic.tasks import token_world as tw
-from quartic.training import make_aligned_model
 
 RANK = 10
 

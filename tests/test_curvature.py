@@ -5,7 +5,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from quartic import QuarticError, curvature, pytree
+from quartic import QuarticError
+from quartic.core import curvature, pytree
 
 
 def _mlp_loss(params, batch):

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 
 import quartic as q
-from quartic import data
-from quartic.diagnose import diagnose
-from quartic.errors import QuarticError
+from quartic.core import data
+from quartic.core.errors import QuarticError
+from quartic.studies.diagnose import diagnose
 
 
 def _net_loss(params, batch):

@@ -9,9 +9,10 @@ import numpy as np
 import pytest
 
 import quartic as q
-from quartic import cli, curvature, theory
-from quartic import defences as D
-from quartic.runs import read_json
+from quartic.core import curvature, theory
+from quartic.harness import cli
+from quartic.harness.runs import read_json
+from quartic.studies import defences as D
 
 N, RANK = 12, 2  # one shape everywhere: every program compiles once per session
 

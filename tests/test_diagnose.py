@@ -11,7 +11,7 @@ import pytest
 
 import quartic as q
 from quartic import QuarticError
-from quartic.diagnose import diagnose
+from quartic.studies.diagnose import diagnose
 from quartic.tasks import token_world as tw
 
 
@@ -67,7 +67,7 @@ def test_cli_missing_checkpoint_is_one_line():
         [
             sys.executable,
             "-m",
-            "quartic.cli",
+            "quartic.harness.cli",
             "diagnose",
             "--checkpoint",
             "/nonexistent/x",
@@ -94,8 +94,8 @@ def raw_checkpoint(tmp_path_factory):
     saved the way ``quartic diagnose`` reads θ*: (checkpoint dir, world)."""
     from flax import nnx
 
-    from quartic import training
     from quartic.models import Transformer, TransformerConfig
+    from quartic.studies import training
 
     world = tw.TokenWorld(tw.WorldConfig(seed=0))
     cfg = TransformerConfig(
@@ -122,7 +122,7 @@ def test_cli_on_a_saved_model_that_is_not_aligned_warns_and_shows_the_linear_ter
     """A freshly initialised transformer: its refusal loss has a large gradient, so the CLI must
     say the quartic law does not apply and report the linear rate. The fine-tuning data come as
     the user's own file (``--data``; the sort task's rows, which ``load_batch`` reads back exactly)."""
-    from quartic import cli
+    from quartic.harness import cli
 
     ckpt, world = raw_checkpoint
     data = _save(tmp_path / "sort.npz", **world.task("sort", "train"))
@@ -295,7 +295,7 @@ def _bad_data(tmp_path, world, kind):
 def test_cli_diagnose_bad_input_is_one_line(
     raw_checkpoint, tmp_path, capsys, extra, data_kind, expected
 ):
-    from quartic import cli
+    from quartic.harness import cli
 
     ckpt, world = raw_checkpoint
     if "--lr" not in extra:

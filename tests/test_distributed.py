@@ -17,8 +17,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from quartic import distributed
-from quartic.errors import QuarticError
+from quartic.core.errors import QuarticError
+from quartic.harness import distributed
 
 # The work both checks share: 3 seeds x 2 loss scales of gradient-flow trajectories on random
 # quadratic problems (6 runs: not a multiple of the device count, so the sweep pads), and the dense
@@ -32,7 +32,8 @@ COMMON = textwrap.dedent(
     jax.config.update("jax_numpy_dtype_promotion", "strict")
     import jax.numpy as jnp
     import numpy as np
-    from quartic import curvature, distributed, dynamics, problems
+    from quartic.core import curvature, dynamics, problems
+    from quartic.harness import distributed
 
     spec = problems.QuadraticSpec(n=8, d=2)
     times = dynamics.log_times(1e-3, 1e-1, 6)
@@ -81,7 +82,7 @@ SCRIPT = COMMON + textwrap.dedent(
 )
 
 # One of two processes (2 host devices each) of a multi-process job on this machine, joined through
-# quartic.distributed.initialize (jax.distributed: a coordinator on localhost, CPU collectives).
+# quartic.harness.distributed.initialize (jax.distributed: a coordinator on localhost, CPU collectives).
 WORKER = COMMON + textwrap.dedent(
     """
     import sys

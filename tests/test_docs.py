@@ -20,10 +20,11 @@ PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 TEST_REF = re.compile(r"tests/(\w+\.py)::(\w+)")
 SCRIPT_REF = re.compile(r"\b((?:notebooks|experiments|benchmarks)/[a-z0-9_]+\.py)\b")
 CODE = re.compile(r"`([^`]+)`")
-QUARTIC_MODULES = {p.stem for p in (ROOT / "quartic").glob("*.py") if p.stem != "__init__"} | {
-    "models",
-    "tasks",
-}
+# Names under `quartic`: the public core modules (`aic.check_aic`) and the subpackages
+# (`studies.collapse.skill_curvature`, `tasks.token_world.kl_from_logits`).
+QUARTIC_MODULES = {
+    p.stem for p in (ROOT / "quartic" / "core").glob("*.py") if p.stem != "__init__"
+} | {p.name for p in (ROOT / "quartic").iterdir() if (p / "__init__.py").exists()}
 
 
 def _refs(pattern):

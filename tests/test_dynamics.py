@@ -6,7 +6,7 @@ import numpy as np
 import optax
 
 import quartic as q
-from quartic import dynamics
+from quartic.core import dynamics
 
 
 def _problems(num, spec):

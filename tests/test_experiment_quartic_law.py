@@ -2,8 +2,8 @@
 
 import pathlib
 
-from quartic import cli
-from quartic.runs import read_json
+from quartic.harness import cli
+from quartic.harness.runs import read_json
 
 
 def test_quartic_law_smoke(tmp_path: pathlib.Path):

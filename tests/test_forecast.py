@@ -10,9 +10,10 @@ import numpy as np
 import pytest
 
 import quartic as q
-from quartic import cli, theory
-from quartic import forecast as fc
-from quartic.runs import read_json
+from quartic.core import theory
+from quartic.harness import cli
+from quartic.harness.runs import read_json
+from quartic.studies import forecast as fc
 
 N, RANK = 12, 2  # the shapes of tests/test_defences.py: kernels compile once per session
 

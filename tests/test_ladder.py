@@ -1,4 +1,4 @@
-"""The ablation ladder measured, and the window of slope 4 predicted from θ* (quartic.ladder)."""
+"""The ablation ladder measured, and the window of slope 4 predicted from θ* (quartic.studies.ladder)."""
 
 import dataclasses
 import math
@@ -9,8 +9,10 @@ import numpy as np
 import pytest
 
 import quartic as q
-from quartic import cli, ladder, theory
-from quartic.runs import RunDir
+from quartic.core import theory
+from quartic.harness import cli
+from quartic.harness.runs import RunDir
+from quartic.studies import ladder
 
 BASE = q.QuadraticSpec(n=30, d=3, coupling=1.0)
 

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 import quartic as q
-from quartic import QuarticError, dynamics, fitting, theory
+from quartic import QuarticError
+from quartic.core import dynamics, fitting, theory
 
 SEEDS = range(8)
 

@@ -12,7 +12,7 @@ import numpy as np
 import optax
 import pytest
 
-from quartic import curvature, dynamics, problems
+from quartic.core import curvature, dynamics, problems
 
 _COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
 _counters: list[list[int]] = []
@@ -108,7 +108,7 @@ def test_jitted_trajectory_compiles_once_across_problems():
 
 
 def test_train_step_compiles_once_across_calls():
-    training = pytest.importorskip("quartic.training")
+    training = pytest.importorskip("quartic.studies.training")
     x = jax.random.normal(jax.random.PRNGKey(0), (64, 4), jnp.float64)
     data = {"x": x, "y": jnp.sin(x[:, 0])}
 

@@ -1,4 +1,4 @@
-"""Other optimisers' leading Δu terms (quartic.theory) against simulated optax runs, float64."""
+"""Other optimisers' leading Δu terms (quartic.core.theory) against simulated optax runs, float64."""
 
 import dataclasses
 import math
@@ -8,8 +8,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from quartic import cli, theory
-from quartic.runs import RunDir
+from quartic.core import theory
+from quartic.harness import cli
+from quartic.harness.runs import RunDir
 
 
 @pytest.fixture(scope="module")

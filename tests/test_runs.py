@@ -11,9 +11,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from quartic import runs
-from quartic.errors import DivergenceError, QuarticError
-from quartic.runs import (
+from quartic.core.errors import DivergenceError, QuarticError
+from quartic.harness import runs
+from quartic.harness.runs import (
     RunDir,
     append_jsonl,
     read_json,

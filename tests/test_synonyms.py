@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from quartic.errors import QuarticError
+from quartic.core.errors import QuarticError
 from quartic.tasks.synonyms import (
     CLS,
     PAD,

@@ -1,4 +1,4 @@
-"""experiments/transfer_robustness.py and quartic.transfer: a tiny end-to-end run, its summary,
+"""experiments/transfer_robustness.py and quartic.studies.transfer: a tiny end-to-end run, its summary,
 resume, bad configurations, and the model helpers (LoRA merge, body carry-over, synonym rewrite)."""
 
 from __future__ import annotations
@@ -10,11 +10,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from quartic import checkpoint
-from quartic import transfer as tr
-from quartic.cli import load_experiment
-from quartic.errors import QuarticError
-from quartic.runs import read_json
+from quartic.core.errors import QuarticError
+from quartic.harness import checkpoint
+from quartic.harness.cli import load_experiment
+from quartic.harness.runs import read_json
+from quartic.studies import transfer as tr
 from quartic.tasks import synonyms as syn
 
 EXP = load_experiment("transfer_robustness")

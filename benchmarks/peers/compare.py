@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from quartic import aic, curvature, problems, pytree
+from quartic.core import aic, curvature, problems, pytree
 
 
 def available() -> dict[str, str | None]:

@@ -56,7 +56,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from quartic.errors import QuarticError
+from quartic.core.errors import QuarticError
 
 __all__ = [
     "CLS",

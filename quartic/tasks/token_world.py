@@ -54,7 +54,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from quartic.errors import QuarticError
+from quartic.core.errors import QuarticError
 
 __all__ = [
     "BENIGN_TASKS",
@@ -371,7 +371,7 @@ def load_batch(path, vocab_size: int, seq_len: int) -> Batch:
     ``path`` is either a ``.npz`` with ``tokens [N, seq_len]`` and optionally ``targets`` (default:
     ``tokens`` shifted left, PAD last) and ``mask`` (default: 1 where the target is not PAD), or a
     ``.npy`` of whole sequences ``[N, seq_len + 1]`` (``tokens = s[:, :-1]``, ``targets = s[:, 1:]``).
-    Raises :class:`~quartic.errors.QuarticError` naming the array and what is wrong with it: missing
+    Raises :class:`~quartic.core.errors.QuarticError` naming the array and what is wrong with it: missing
     file or array, wrong shape, NaN/inf, non-integer or out-of-vocabulary ids, an empty mask.
     """
     path = pathlib.Path(path)

@@ -6,9 +6,9 @@ Usage::
     quartic run NAME [--quick] [--set key=value ...] [--out DIR] [--figures DIR]
     quartic reproduce [--full] [--only NAME,...] [--out DIR] [--figures DIR]
     quartic figures [--full] [--only NAME,...] [--out DIR] [--figures DIR]
-    quartic diagnose ...            (handled by `quartic.diagnose.cli_main`)
+    quartic diagnose ...            (`quartic.harness.diagnose_command`)
 
-`python -m quartic.cli ...` is the same command. Results go to `results/NAME` (`results/quick/NAME`
+`python -m quartic.harness.cli ...` is the same command. Results go to `results/NAME` (`results/quick/NAME`
 with `--quick`), relative to the current folder; an interrupted run (Ctrl-C, `kill -9`, a crash)
 keeps everything it finished, and rerunning the same command resumes where it stopped. A rerun with
 a different config into the same folder is refused, so results of two configs are never mixed. Bad
@@ -26,18 +26,18 @@ package, so quartic must be installed from a checkout: `pip install -e .`; the e
 `Config`
     A frozen dataclass whose defaults are the full run, with a classmethod `quick()` returning the
     quick-scale config that `quartic reproduce` and `--quick` use. `--set key=value` overrides a
-    field (see `quartic.config` for the accepted types; nested dataclasses take dotted keys).
+    field (see `quartic.harness.config` for the accepted types; nested dataclasses take dotted keys).
 
 `run(config, out_dir: pathlib.Path) -> dict`
     Does the work, writing results into `out_dir` as it goes: `config.json`
-    (`quartic.runs.RunDir(out_dir).write_config(config)`), one file per unit of work
-    (`quartic.runs.run_sweep`), per-step `metrics.jsonl` and `summary.json`; returns the summary
+    (`quartic.harness.runs.RunDir(out_dir).write_config(config)`), one file per unit of work
+    (`quartic.harness.runs.run_sweep`), per-step `metrics.jsonl` and `summary.json`; returns the summary
     dict. It must resume when `out_dir` already holds finished units (`run_sweep` skips them), and
     must derive all randomness from the config, so that the same seed gives the same numbers
     whether or not the run was interrupted. The command writes `config.json` before calling it.
-    A unit that diverges raises `quartic.errors.DivergenceError` (`run_sweep` records it as failed
+    A unit that diverges raises `quartic.core.errors.DivergenceError` (`run_sweep` records it as failed
     and goes on); one that escapes `run` is reported in one line, its `partial` results saved to
-    `out_dir/partial.json`. Bad input raises `quartic.errors.QuarticError` (one line, exit 2).
+    `out_dir/partial.json`. Bad input raises `quartic.core.errors.QuarticError` (one line, exit 2).
 
 `plot(out_dir: pathlib.Path, fig_dir: pathlib.Path) -> list[pathlib.Path]`
     Draws the figures from the files in `out_dir` only (no recomputation) into `fig_dir` and returns
@@ -56,7 +56,7 @@ package, so quartic must be installed from a checkout: `pip install -e .`; the e
 and ends with::
 
     if __name__ == "__main__":
-        raise SystemExit(quartic.cli.main(["run", "NAME", *sys.argv[1:]]))
+        raise SystemExit(quartic.harness.cli.main(["run", "NAME", *sys.argv[1:]]))
 
 so that `python experiments/NAME.py --quick --set seed=1` works.
 """
@@ -76,9 +76,10 @@ from collections.abc import Iterable, Mapping, Sequence
 from types import ModuleType
 from typing import Any
 
-from quartic.config import apply_overrides
-from quartic.errors import DivergenceError, QuarticError
-from quartic.runs import RunDir, _fmt_s, write_json_atomic
+from quartic.core.errors import DivergenceError, QuarticError
+from quartic.harness import diagnose_command
+from quartic.harness.config import apply_overrides
+from quartic.harness.runs import RunDir, _fmt_s, write_json_atomic
 
 __all__ = [
     "ORDER",
@@ -117,8 +118,8 @@ def experiments_dir() -> pathlib.Path:
     Raises QuarticError if it does not exist.
     """
     env = os.environ.get(EXPERIMENTS_ENV)
-    # This file is <repo>/quartic/cli.py in an editable install; the scripts are <repo>/experiments.
-    repo = pathlib.Path(__file__).resolve().parents[1]
+    # This file is <repo>/quartic/harness/cli.py in an editable install; the scripts are <repo>/experiments.
+    repo = pathlib.Path(__file__).resolve().parents[2]
     folder = pathlib.Path(env) if env else repo / "experiments"
     if not folder.is_dir():
         raise QuarticError(
@@ -184,7 +185,7 @@ def load_experiment(name: str) -> ModuleType:
         missing.append("Config.quick()")
     if missing:
         raise QuarticError(
-            f"{path} does not follow the experiment protocol (see `quartic.cli`): "
+            f"{path} does not follow the experiment protocol (see `quartic.harness.cli`): "
             f"it lacks {', '.join(missing)}"
         )
     return module
@@ -436,22 +437,13 @@ def _cmd_figures(args: argparse.Namespace, ctx: _Context) -> int:
 
 
 def _cmd_diagnose(argv: list[str]) -> int:
+    parser = Parser(prog="quartic diagnose", description=diagnose_command.DESCRIPTION)
+    diagnose_command.add_arguments(parser)
     try:
-        module = importlib.import_module("quartic.diagnose")
-    except ModuleNotFoundError as e:
-        if e.name != "quartic.diagnose":
-            raise
-        raise QuarticError(
-            "`quartic diagnose` is not available in this version (no quartic.diagnose module)"
-        ) from None
-    cli_main = getattr(module, "cli_main", None)
-    if cli_main is None:
-        raise QuarticError("`quartic diagnose` is not available: quartic.diagnose has no cli_main")
-    try:
-        code = cli_main(argv)
+        args = parser.parse_args(argv)
     except SystemExit as e:  # --help
-        code = e.code
-    return 0 if code is None else int(code)
+        return 0 if e.code is None else int(e.code)
+    return diagnose_command.run(args)
 
 
 # --------------------------------------------------------------------------------------------------

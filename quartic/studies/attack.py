@@ -63,7 +63,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from quartic.errors import QuarticError
+from quartic.core.errors import QuarticError
 
 __all__ = [
     "FAILED",

@@ -1,11 +1,11 @@
 """Datasets given as loaders: a loss over many batches as one exact function.
 
-Every quartic measurement (:func:`quartic.check_aic`, :func:`quartic.diagnose.diagnose`, the HVPs
+Every quartic measurement (:func:`quartic.check_aic`, :func:`quartic.studies.diagnose.diagnose`, the HVPs
 and the trajectories) takes a loss ``f(params, batch)`` and *one* batch. A dataset that comes as a
 loader — any iterable of batches: a list, a generator, a ``tf.data`` / PyTorch loader yielding
 numpy-convertible arrays — becomes one batch with :func:`over_batches`::
 
-    loss, data = quartic.data.over_batches(ft_loss_fn, loader)
+    loss, data = quartic.core.data.over_batches(ft_loss_fn, loader)
     report = quartic.check_aic(align_loss_fn, loss, theta_star, rank=8, ft_batch=data)
 
 ``loss(params, data) = (1/B) Σ_b ft_loss_fn(params, batch_b)``, evaluated one batch at a time
@@ -24,7 +24,7 @@ import jax
 import numpy as np
 from jax import lax
 
-from quartic.errors import QuarticError
+from quartic.core.errors import QuarticError
 
 PyTree = Any
 

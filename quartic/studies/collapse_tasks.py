@@ -1,9 +1,9 @@
 """The aligned small transformer as a family of problems (L_A, L_FT), one per benign task.
 
-For the experiments that run quartic's generic machinery (:mod:`quartic.defences`,
-:mod:`quartic.forecast`) on the transformer of :mod:`quartic.collapse`:
+For the experiments that run quartic's generic machinery (:mod:`quartic.studies.defences`,
+:mod:`quartic.studies.forecast`) on the transformer of :mod:`quartic.studies.collapse`:
 
-- θ* is built by :func:`quartic.collapse.aligned_setup` (cached on disk, once per process), as
+- θ* is built by :func:`quartic.studies.collapse.aligned_setup` (cached on disk, once per process), as
   ``experiments/transformer_collapse.py`` builds it;
 - the alignment loss is the **KL drift** from θ*'s own answers on the harm category
   (``CollapseSetup.align_fns["kl"]``): ``Δu = L_A`` exactly, its gradient at θ* is exactly 0 and
@@ -13,7 +13,7 @@ For the experiments that run quartic's generic machinery (:mod:`quartic.defences
 
 Every function takes the task data as an argument (:func:`losses` is meant to be called inside a
 trace), so one compiled program serves every task: the task batches share a shape. Compiled
-helpers are kept in the setup's ``_compiled`` dict (as :mod:`quartic.collapse` does).
+helpers are kept in the setup's ``_compiled`` dict (as :mod:`quartic.studies.collapse` does).
 """
 
 from __future__ import annotations
@@ -21,8 +21,9 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from quartic import collapse, curvature
-from quartic import defences as D
+from quartic.core import curvature
+from quartic.studies import collapse
+from quartic.studies import defences as D
 
 #: Lanczos steps for λ_max(H_FT) at θ* (the top eigenvalue of a 2k-parameter LM Hessian converges
 #: to float64 precision well within this).
@@ -32,7 +33,7 @@ LAMBDA_ITERS = 30
 def losses(
     setup: collapse.CollapseSetup, theta_star: jax.Array, batch: dict, kl_data: dict
 ) -> D.Losses:
-    """The flat pair (KL drift on the skill, LM loss on ``batch``) as :class:`quartic.defences.Losses`,
+    """The flat pair (KL drift on the skill, LM loss on ``batch``) as :class:`quartic.studies.defences.Losses`,
     closing over *traced* data: call it inside the jitted function that receives ``batch`` and
     ``kl_data`` (``setup.align_data["kl"]``) as arguments. ``delta_u_fn`` is the KL itself."""
     kl_fn, lm_fn = setup.align_fns["kl"], setup.lm_fn

@@ -23,8 +23,8 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from quartic.attack import FAILED, SKIPPED, SUCCEEDED, AttackResult
-from quartic.errors import QuarticError
+from quartic.core.errors import QuarticError
+from quartic.studies.attack import FAILED, SKIPPED, SUCCEEDED, AttackResult
 
 __all__ = ["RobustnessMetrics", "robustness_metrics"]
 

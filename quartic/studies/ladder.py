@@ -1,18 +1,18 @@
 """The ablation ladder and the window where slope 4 is observable (THEORY.md §3).
 
 Breaking one AIC condition at a time moves the onset exponent of Δu(t) along the ladder of
-:func:`quartic.theory.onset_order`: a first-order leak (Pg ≠ 0) or Fisher mass outside M gives
-slope 2 at small t, then slope 4 after the crossover t× (:func:`quartic.theory.crossover_time`);
+:func:`quartic.core.theory.onset_order`: a first-order leak (Pg ≠ 0) or Fisher mass outside M gives
+slope 2 at small t, then slope 4 after the crossover t× (:func:`quartic.core.theory.crossover_time`);
 PHg = 0 gives slope 6; no coupling block gives Δu ≡ 0.
 
 The law is therefore observable only on a window ``[t_L, t₀]``: on the left the leak's t² (and the
 t³ cross term) must have died out, on the right the next order (``c₅ t⁵``, i.e. ``Δu/(c₄t⁴) =
 1 + s t``) must not yet bend the curve. Both edges follow from the Taylor coefficients of Δu at θ*
-(:func:`quartic.theory.taylor_onset`), so a window can be predicted before any training:
+(:func:`quartic.core.theory.taylor_onset`), so a window can be predicted before any training:
 
 - ``t_L``: where the local slope of ``c₂t² + c₃t³ + c₄t⁴`` enters ``4 ± tol`` for good;
 - ``t₀ = tol · |c₄ / c₅|``: where ``|s t| = tol`` (``s = c₅/c₄``, which is
-  :func:`quartic.theory.next_order_slope` when Pg = 0 and F has no tail).
+  :func:`quartic.core.theory.next_order_slope` when Pg = 0 and F has no tail).
 
 The leading-order version drops the cubic cross term: ``t_L ≈ t× √((2 − tol)/tol)``, from the
 slope ``4 − 2r/(1 + r)`` of ``½t²gᵀFg + (t⁴/8)‖F^{1/2}Hg‖²`` with ``r = (t×/t)²``.
@@ -28,9 +28,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from quartic import fitting, theory
-from quartic.errors import QuarticError
-from quartic.problems import QuadraticProblem, QuadraticSpec
+from quartic.core import fitting, theory
+from quartic.core.errors import QuarticError
+from quartic.core.problems import QuadraticProblem, QuadraticSpec
 
 #: The rungs of the ladder measured here, in order: (name, onset exponent, exponent after t×).
 #: ``None`` for the onset means Δu ≡ 0; ``None`` after t× means no second regime.
@@ -98,7 +98,7 @@ def onset_from_coefficients(coefficients, floor) -> int | None:
 
 
 def crossover_time(problem: QuadraticProblem) -> jax.Array:
-    """:func:`quartic.theory.crossover_time` of a quadratic problem (``t× = 2√(gᵀFg)/‖F½Hg‖``),
+    """:func:`quartic.core.theory.crossover_time` of a quadratic problem (``t× = 2√(gᵀFg)/‖F½Hg‖``),
     with F evaluated in its factored form (no cancellation)."""
     g = problem.ft_grad
     hg = problem.ft_hessian @ g
@@ -199,7 +199,7 @@ def taylor_window(coefficients, t, tol: float, degree: int = 6) -> Window:
     is within ``tol`` of 4 (its longest such run on ``t``).
 
     With ``degree = 6`` it carries two orders beyond the onset: the right edge then includes the
-    curvature of ``Δu/(c₄t⁴) = 1 + s t + s₂ t²`` (:func:`quartic.theory.next_order_curvature`),
+    curvature of ``Δu/(c₄t⁴) = 1 + s t + s₂ t²`` (:func:`quartic.core.theory.next_order_curvature`),
     which the first-order ``t₀ = tol/|s|`` misses when ``s₂`` holds the slope near ``4 − tol``.
     """
     c = np.asarray(coefficients, float)
@@ -238,7 +238,7 @@ def family_grid(
     ``[len(leaks) * len(couplings)]`` (leak-major) and the sensitive basis ``B [n, d]`` (the same
     for all cells: one key). Cells differ only in ℓ and κ, so the grid isolates those two knobs.
     """
-    from quartic.problems import make_quadratic
+    from quartic.core.problems import make_quadratic
 
     probs = []
     basis = None
@@ -252,7 +252,7 @@ def family_grid(
 
 
 def quadratic_taylor(prob: QuadraticProblem, order: int) -> theory.TaylorOnset:
-    """:func:`quartic.theory.taylor_onset` of a quadratic problem in closed form (no ``jet``).
+    """:func:`quartic.core.theory.taylor_onset` of a quadratic problem in closed form (no ``jet``).
 
     The flow's derivatives are ``θ^{(k)}(0) = (−1)^k H^{k−1} g`` and
     ``c_m = ½ Σ_{i+j=m} δ_iᵀ F δ_j`` with ``δ_i = θ^{(i)}/i!``; the Gram products are taken in F's
@@ -321,7 +321,7 @@ def phase_cells(
     """Measure and predict the slope-4 window on every cell of a (leak, coupling) grid.
 
     Measured: Δu of the exact flow on ``num`` geometric points of ``t·λ_max(H) ∈ x_range``, its
-    local slope, the longest run within ``tol`` of 4 (:func:`quartic.fitting.slope_window`).
+    local slope, the longest run within ``tol`` of 4 (:func:`quartic.core.fitting.slope_window`).
     Predicted from the exact Taylor coefficients c₁…c₆ at θ* (no training), to three orders:
     :func:`taylor_window`, :func:`next_order_window`, :func:`leading_order_window`.
     """

@@ -24,13 +24,13 @@ The pieces, all on the project's own :class:`~quartic.models.transformer.Transfo
   validation loss). Only the ``trainable`` leaves move: ``"full"`` (every weight) or ``"lora"``
   (the adapters and the classifier head; the base weights are frozen arguments, never closed
   over). One compiled program per (objective, model config, trainable set, fit config, shapes).
-* :func:`attack_models` — the batched A2T attack of :mod:`quartic.attack`, vmapped over the
+* :func:`attack_models` — the batched A2T attack of :mod:`quartic.studies.attack`, vmapped over the
   ``M`` models; :func:`budget_is_unlimited` says when a finite budget cannot bind (then its result
   is the unlimited one, exactly).
 * :func:`robustness_geometry` — the bridge (issue 5, item 7): at a parameter point θ₀ (the start of
   the target fine-tune) the robustness loss ``L_R`` (cross-entropy on synonym-rewritten target
   examples, :func:`synonym_rewrite`) plays the alignment loss of Def 5.1 and the target-train loss
-  ``L_FT`` the fine-tuning loss. Measured with :mod:`quartic.curvature` (HVP + Lanczos): the top
+  ``L_FT`` the fine-tuning loss. Measured with :mod:`quartic.core.curvature` (HVP + Lanczos): the top
   eigenvalues of ``∇²L_R`` (sharpness), the overlap ``‖P g‖ / ‖g‖`` of the fine-tuning gradient
   with their eigenspace, the coupling ``γ_F = ‖H_R^{1/2} P H_FT g‖`` and the first-order rate
   ``∇L_R · g`` (θ₀ is not a minimiser of ``L_R``, so the premise of the quartic law fails and the
@@ -55,9 +55,10 @@ import optax
 from flax import nnx
 from jax.flatten_util import ravel_pytree
 
-from quartic import checkpoint, curvature, theory
-from quartic.attack import AttackConfig, AttackResult, SynonymTable, attack_dataset, greedy_attack
-from quartic.errors import DivergenceError, QuarticError
+from quartic.core import curvature, theory
+from quartic.core.errors import DivergenceError, QuarticError
+from quartic.core.pytree import path_name
+from quartic.harness import checkpoint
 from quartic.models.transformer import (
     PRESETS,
     Transformer,
@@ -65,9 +66,15 @@ from quartic.models.transformer import (
     count_params,
     functional,
 )
-from quartic.pytree import path_name
+from quartic.studies.attack import (
+    AttackConfig,
+    AttackResult,
+    SynonymTable,
+    attack_dataset,
+    greedy_attack,
+)
+from quartic.studies.training import _optax_promotion
 from quartic.tasks.synonyms import PAD, Language
-from quartic.training import _optax_promotion
 
 __all__ = [
     "ARCHS",
@@ -219,7 +226,7 @@ def save_params(
     directory: str | os.PathLike, cfg: TransformerConfig, params: dict, info: dict | None = None
 ) -> pathlib.Path:
     """Write ``params`` of ``cfg`` (one model, or a stack of ``M`` with a leading ``[M]`` axis) and
-    ``info`` (JSON-able) as a :mod:`quartic.checkpoint` directory (orbax arrays + ``meta.json``,
+    ``info`` (JSON-able) as a :mod:`quartic.harness.checkpoint` directory (orbax arrays + ``meta.json``,
     atomic: a directory with ``meta.json`` is complete)."""
     fns = _model_fns(cfg)
     leaves = jax.tree.leaves(params)
@@ -237,7 +244,7 @@ def save_params(
 def load_params(directory: str | os.PathLike, cfg: TransformerConfig) -> tuple[dict, dict]:
     """``(params, info)`` written by :func:`save_params` for ``cfg`` (a stack stays stacked).
 
-    Raises a :class:`~quartic.errors.QuarticError` when the directory holds no checkpoint or one
+    Raises a :class:`~quartic.core.errors.QuarticError` when the directory holds no checkpoint or one
     written for another model config."""
     if not checkpoint.exists(directory):
         raise QuarticError(f"no checkpoint at {directory}")
@@ -611,7 +618,7 @@ def attack_models(
     batch_size: int = 256,
 ) -> list[AttackResult]:
     """Attack every example of ``batch`` against each of the ``M`` stacked classifiers
-    ``params``; one :class:`~quartic.attack.AttackResult` (numpy) per model."""
+    ``params``; one :class:`~quartic.studies.attack.AttackResult` (numpy) per model."""
     if cfg.lora_rank:
         raise QuarticError("attack the merged model: merge_lora(params) with lora_rank=0")
     program = _attack_program(cfg, config)

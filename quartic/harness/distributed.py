@@ -39,8 +39,8 @@ from jax import lax
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from quartic import curvature
-from quartic.errors import QuarticError
+from quartic.core import curvature
+from quartic.core.errors import QuarticError
 
 AXIS = "batch"
 PyTree = Any
@@ -199,7 +199,7 @@ def dense_hessian(
 
     Each device linearises ``∇loss`` at ``theta`` once and computes its block of columns
     ``H e_j`` ``chunk_size`` at a time (``vmap`` inside ``lax.map``, as
-    :func:`quartic.curvature.dense_matrix` does on one device). Zero columns pad ``n`` to a multiple
+    :func:`quartic.core.curvature.dense_matrix` does on one device). Zero columns pad ``n`` to a multiple
     of the device count and are cut off. The result is sharded by columns.
     """
     mesh = device_mesh() if mesh is None else mesh

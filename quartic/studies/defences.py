@@ -18,7 +18,7 @@ the sensitive subspace M, ``M(θ)`` the top-``rank`` eigenspace of the alignment
 - :class:`LowRank`: ``θ ← θ − η U Uᵀ g``, a LoRA-like restriction of every update to a fixed
   r-dimensional subspace U (random, or the task's Krylov space ``span{g, Hg, …, H^{r−1}g}``).
 - :class:`Reparametrised`: gradient descent on φ with ``θ = θ(φ)``, ``θ(φ₀) = θ*`` — LoRA itself
-  when θ(φ) adds low-rank products to the weight matrices (:func:`quartic.collapse.lora_reparam`).
+  when θ(φ) adds low-rank products to the weight matrices (:func:`quartic.studies.collapse.lora_reparam`).
 - :class:`TrackedProjection` *(ours, curvature-aware)*: B = M(θ_k) re-estimated at every step by
   Lanczos warm-started from the previous basis; ``θ ← θ − η (I − P) g``.
 - :class:`Retraction` *(ours, curvature-aware)*: a projected step, then one Gauss–Newton step on
@@ -46,8 +46,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from quartic import curvature, fitting
-from quartic.errors import DivergenceError, QuarticError
+from quartic.core import curvature, fitting
+from quartic.core.errors import DivergenceError, QuarticError
 
 Matvec = Callable[[jax.Array], jax.Array]
 
@@ -60,7 +60,7 @@ class Losses(NamedTuple):
       ft_loss_fn: ``L_FT(θ[n]) -> scalar``.
       theta_star: θ* ``[n]``.
       align_hvp_fn: ``θ -> (v -> F(θ) v)``, the alignment curvature as a matvec at θ (default:
-        the exact Hessian of ``align_loss_fn``, :func:`quartic.curvature.hvp_fn`).
+        the exact Hessian of ``align_loss_fn``, :func:`quartic.core.curvature.hvp_fn`).
       delta_u_fn: ``θ -> Δu`` (default ``L_A(θ) − L_A(θ*)``).
     """
 
@@ -125,7 +125,7 @@ def top_subspace(
 ) -> tuple[jax.Array, jax.Array]:
     """Top-``rank`` eigenpairs of a symmetric operator by ``num_iters`` Lanczos steps from ``v0``.
 
-    Full reorthogonalisation (:func:`quartic.curvature.lanczos_tridiag`), Rayleigh–Ritz on the
+    Full reorthogonalisation (:func:`quartic.core.curvature.lanczos_tridiag`), Rayleigh–Ritz on the
     Krylov space; costs exactly ``num_iters`` matvecs (no residual check). Returns
     ``(basis [n, rank], values [rank])``, values descending.
     """
@@ -396,7 +396,7 @@ class LowRank(Defence):
 class Reparametrised(Defence):
     """Fine-tuning through a reparametrisation ``θ = θ(φ)`` with ``θ(φ₀) = θ*``: gradient descent
     on φ, ``φ ← φ − η ∇_φ L_FT(θ(φ))``. With θ(φ) = θ* + (low-rank products AB added to the
-    weight matrices) this is LoRA itself (:func:`quartic.collapse.lora_reparam`), not the fixed
+    weight matrices) this is LoRA itself (:func:`quartic.studies.collapse.lora_reparam`), not the fixed
     subspace of :class:`LowRank`: the reachable set is curved and the effective subspace moves
     with A and B. Compared by identity (it holds an array); build it once per run.
 
@@ -656,7 +656,7 @@ def target_loss(ft0: float, ft_min: float, fraction: float) -> float:
 def fitted_slope(delta_u, lr: float, stop_step: float, decades: float = 1.5):
     """Log-log slope of Δu(t), ``t = lr·k``, over ``k ∈ [stop/10^decades, stop]``.
 
-    Returns an :class:`quartic.fitting.ExponentFit`, or ``None`` if fewer than 3 positive points.
+    Returns an :class:`quartic.core.fitting.ExponentFit`, or ``None`` if fewer than 3 positive points.
     """
     du = np.asarray(delta_u, float)
     k = np.arange(du.shape[0], dtype=float)

@@ -6,7 +6,7 @@ threshold along full-batch fine-tuning (gradient descent, step η, time ``t = η
 - **quartic** (Cor 6.3, reading (a)): ``γ_F² t⁴ / 8 = threshold`` from θ* quantities;
 - **second order** (THEORY.md §3, ours): the first root of ``theory.Forecast.gd`` at θ*;
 - **Taylor** (ours, optional): the exact Taylor polynomial ``Σ_{k≤K} c_k t^k`` of u(t) at θ*
-  (:func:`quartic.theory.taylor_onset`), which keeps the alignment map's curvature that γ_F and
+  (:func:`quartic.core.theory.taylor_onset`), which keeps the alignment map's curvature that γ_F and
   the second-order forecast miss;
 - **monitored** (ours): every ``check_every`` steps, the second-order forecast is re-made at the
   current θ_k (``∇L_A(θ_k)``, ``H_A(θ_k)``, ``g_k``, ``H_k g_k``: 3 HVPs and 2 gradients per check)
@@ -31,8 +31,9 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from quartic import aic, curvature, defences, theory
-from quartic.errors import QuarticError
+from quartic.core import aic, curvature, theory
+from quartic.core.errors import QuarticError
+from quartic.studies import defences
 
 # ----------------------------------------------------------------------------------------------
 # The peer's published formula (baseline; not ours)
@@ -108,7 +109,7 @@ def peer_estimate(t, gamma_fisher: float, eps_fisher: float, lambda_min: float):
 class Diagnosis(NamedTuple):
     """What a one-shot forecast needs from a point θ.
 
-    ``forecast`` (:class:`quartic.theory.Forecast` at θ), ``eigenvalues [d]`` (top of the
+    ``forecast`` (:class:`quartic.core.theory.Forecast` at θ), ``eigenvalues [d]`` (top of the
     alignment curvature), ``gamma_fisher = ‖F^{1/2}PHg‖``, ``eps_fisher = ‖F^{1/2}Pg‖``,
     ``ortho_norm = ‖Pg‖``, ``lambda_max_ft`` (top eigenvalue of H_FT).
     """
@@ -184,7 +185,7 @@ def diagnose_lanczos(
 ) -> Diagnosis:
     """:class:`Diagnosis` at θ by Lanczos on the exact Hessian of L_A (any n; jit-compatible):
     M and its eigenvalues from ``num_iters`` HVPs (default ``min(n, 3·rank + 10)``, cold start,
-    :func:`quartic.defences.sensitive_subspace`), plus the 3 HVPs of the forecast. ``lambda_max_ft``
+    :func:`quartic.studies.defences.sensitive_subspace`), plus the 3 HVPs of the forecast. ``lambda_max_ft``
     is passed in (the caller needs it first, for the step size)."""
     losses = defences.Losses(align_loss_fn, ft_loss_fn, theta)
     basis, lam = defences.sensitive_subspace(losses, rank, num_iters, theta=theta)
@@ -211,7 +212,7 @@ class CheckedRun(NamedTuple):
     """A gradient-descent run with checks.
 
     ``delta_u [K+1]`` at steps 0…K; at the checks (steps ``check_steps [C]`` = 0, N, 2N, …):
-    ``check_delta_u [C]``, ``check_forecasts`` (a :class:`quartic.theory.Forecast` of ``[C]``
+    ``check_delta_u [C]``, ``check_forecasts`` (a :class:`quartic.core.theory.Forecast` of ``[C]``
     arrays, made at θ_k) and, if asked, ``check_taylor [C, K]`` (the Taylor coefficients of
     ``L_A(θ(τ)) − L_A(θ_k)`` along the flow from θ_k); ``finite`` False if the run left the
     finite numbers (then frozen).
@@ -238,7 +239,7 @@ def simulate_with_checks(
     """``num_checks · check_every`` gradient-descent steps of size ``lr`` from θ*; every
     ``check_every`` steps the second-order forecast is re-made at the current θ
     (:func:`forecast_at`), and with ``taylor_order`` also the exact Taylor coefficients
-    (:func:`quartic.theory.taylor_onset`). One ``lax.scan`` over checks with an inner scan over
+    (:func:`quartic.core.theory.taylor_onset`). One ``lax.scan`` over checks with an inner scan over
     steps; pure and jit/vmap-compatible."""
     if num_checks < 1 or check_every < 1:
         raise QuarticError("num_checks and check_every must be >= 1")
@@ -406,7 +407,7 @@ def predictions(
     ``lead``: the monitored forecast is the one made at the last check at or before
     ``(1 − lead)·t_c`` (``lead = 0.5``: with half the time still to go). ``horizon``: forecasts
     are searched up to ``horizon`` times the simulated horizon. ``taylor_coefficients``:
-    ``[c1, …, cK]`` of u(t) at θ* (:func:`quartic.theory.taylor_onset`) for the Taylor forecast.
+    ``[c1, …, cK]`` of u(t) at θ* (:func:`quartic.core.theory.taylor_onset`) for the Taylor forecast.
     """
     if not 0 < lead <= 1:
         raise QuarticError(f"lead must be in (0, 1], got {lead}")
@@ -486,7 +487,7 @@ def forecast_crossing(
     taylor_order: int | None = None,
 ) -> tuple[Predictions, CheckedRun, aic.AICReport]:
     """The whole comparison for any flat ``L_A``, ``L_FT`` and θ* (e.g. a transformer's
-    parameters through :func:`quartic.pytree.flat_fn`).
+    parameters through :func:`quartic.core.pytree.flat_fn`).
 
     θ* quantities come from :func:`quartic.check_aic` (``method`` ``"dense"`` or ``"lanczos"``;
     pass ``report`` to reuse one); fine-tuning is ``num_steps`` gradient-descent steps of size

@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from quartic.errors import QuarticError
+from quartic.core.errors import QuarticError
 
 Matvec = Callable[[jax.Array], jax.Array]
 

@@ -1,7 +1,7 @@
 """Alignment collapse in a small transformer, measured exactly (the paper's experiment in miniature).
 
 :class:`CollapseSetup` holds an aligned transformer θ* (from
-:func:`quartic.training.make_aligned_model`) and flat views of every loss: the two alignment losses
+:func:`quartic.studies.training.make_aligned_model`) and flat views of every loss: the two alignment losses
 of a harm category (the refusal cross-entropy that alignment minimised, and the KL drift from θ*'s
 own answers, whose gradient at θ* is exactly zero and whose Hessian is exactly the true Fisher),
 the answer logits (for Fisher matrices), and each benign task's loss. The functions below measure,
@@ -34,10 +34,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from quartic import aic, curvature, dynamics, fitting, pytree, theory
+from quartic.core import aic, curvature, dynamics, fitting, pytree, theory
 from quartic.models import TransformerConfig
+from quartic.studies.training import AlignedModel, make_aligned_model
 from quartic.tasks import token_world as tw
-from quartic.training import AlignedModel, make_aligned_model
 
 
 def _kl_answer(apply_fn, params, data):
@@ -128,7 +128,7 @@ def aligned_setup(
     preset: str = "2k", category: int = 0, world_seed: int = 0, model_seed: int = 0
 ) -> tuple[AlignedModel, CollapseSetup]:
     """θ* of the transformer ``preset`` on the token world of ``world_seed`` (float64; trained by
-    :func:`quartic.training.make_aligned_model` or loaded from its disk cache, once per process),
+    :func:`quartic.studies.training.make_aligned_model` or loaded from its disk cache, once per process),
     and its :class:`CollapseSetup` for harm ``category``. Turns on ``jax_enable_x64``."""
     world, aligned = _aligned_model(preset, world_seed, model_seed)
     return aligned, CollapseSetup(aligned.apply_fn, aligned.theta_star, world, category)

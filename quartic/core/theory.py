@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import jet
 
-from quartic.errors import QuarticError
+from quartic.core.errors import QuarticError
 
 #: Cor 6.3: the alignment loss grows like t^ORDER at onset.
 ORDER = 4

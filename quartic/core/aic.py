@@ -7,7 +7,7 @@ grows linearly and no quartic law applies).
 
 The "alignment curvature" F is, by default, the exact Hessian of ``align_loss_fn`` at θ*
 (= the true Fisher at a well-fit optimum of a log-loss, and exactly the true Fisher for the KL
-drift loss); a dense matrix or a matvec (e.g. :func:`quartic.curvature.fisher_matvec`) can be given
+drift loss); a dense matrix or a matvec (e.g. :func:`quartic.core.curvature.fisher_matvec`) can be given
 instead.
 """
 
@@ -23,8 +23,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from quartic import curvature, pytree, theory
-from quartic.errors import QuarticError
+from quartic.core import curvature, pytree, theory
+from quartic.core.errors import QuarticError
 
 
 @dataclass(frozen=True)
@@ -276,7 +276,7 @@ def check_aic(
       rank: d, the dimension of the sensitive subspace M.
       fisher: the alignment curvature F: ``None`` (exact Hessian of L_A), a dense ``[n, n]``
         matrix, or a matvec ``v[n] -> F v`` on the flat (selected) parameters.
-      where: parameter subset (see :func:`quartic.pytree.select`): one layer, LoRA weights.
+      where: parameter subset (see :func:`quartic.core.pytree.select`): one layer, LoRA weights.
       method: ``"dense"`` (exact, ``eigh`` of the dense ``[n, n]`` matrix from batched HVPs) or
         ``"lanczos"`` (top-d by Lanczos with full reorthogonalisation; the tail mass then comes from
         a Hutchinson trace estimate, with its standard error).

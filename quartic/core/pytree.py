@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 from jax.flatten_util import ravel_pytree
 
-from quartic.errors import QuarticError
+from quartic.core.errors import QuarticError
 
 PyTree = Any
 

@@ -19,8 +19,8 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from quartic.errors import QuarticError
-from quartic.pytree import path_name
+from quartic.core.errors import QuarticError
+from quartic.core.pytree import path_name
 
 __all__ = ["exists", "load", "read_meta", "save"]
 
@@ -60,7 +60,7 @@ def save(directory: str | os.PathLike, params: Any, meta: dict) -> Path:
 def load(directory: str | os.PathLike, template: Any) -> tuple[Any, dict]:
     """Read a checkpoint into the structure, shapes and dtypes of ``template``; ``(params, meta)``.
 
-    Raises a :class:`~quartic.errors.QuarticError` naming the first parameter whose name or shape
+    Raises a :class:`~quartic.core.errors.QuarticError` naming the first parameter whose name or shape
     does not match (a checkpoint of another model).
     """
     d = Path(directory).absolute()

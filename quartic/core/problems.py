@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from quartic.errors import QuarticError
+from quartic.core.errors import QuarticError
 
 
 def _phi_flow(lam: jax.Array, t: jax.Array) -> jax.Array:

@@ -4,7 +4,7 @@ Each run is one ``lax.scan`` over the record points (log-spaced times or steps),
 ``fori_loop`` over the integration or optimiser steps in between, so a run compiles once and a
 batch of problems runs under ``jax.vmap``. The functions here are pure and jit-compatible; a
 non-finite state freezes the run (no NaN propagation) and is flagged in ``Trajectory.finite``;
-:meth:`Trajectory.checked` turns that into a :class:`~quartic.errors.DivergenceError` that keeps
+:meth:`Trajectory.checked` turns that into a :class:`~quartic.core.errors.DivergenceError` that keeps
 everything recorded before it.
 """
 
@@ -19,7 +19,7 @@ import numpy as np
 import optax
 from jax import lax
 
-from quartic.errors import DivergenceError, QuarticError
+from quartic.core.errors import DivergenceError, QuarticError
 
 Observer = Callable[[jax.Array], dict]
 

@@ -30,7 +30,7 @@ flat parameter vector, with jitted evaluations and a Python-driven line search.
 With ``config.lora_rank > 0`` only the base weights are trained (``wrt=BaseParam``); the adapters
 keep their zero-initialised ``B``, so theta* is the same function with or without adapters.
 
-Checkpoints (:func:`save_theta_star` / :func:`load_theta_star`, :mod:`quartic.checkpoint`):
+Checkpoints (:func:`save_theta_star` / :func:`load_theta_star`, :mod:`quartic.harness.checkpoint`):
 ``<cache_dir>/<key>/params/`` is an orbax checkpoint of every ``nnx.Param`` of the model, one array
 per ``/``-joined path (``blocks/0/attn/q_proj/kernel``), and ``<cache_dir>/<key>/meta.json`` holds
 the model config, world config, seed, alignment config and the report. ``key`` (:func:`checkpoint_key`) hashes all four, so
@@ -58,8 +58,8 @@ from flax import nnx
 from jax.flatten_util import ravel_pytree
 from tqdm.auto import tqdm
 
-from quartic import checkpoint
-from quartic.errors import DivergenceError, QuarticError
+from quartic.core.errors import DivergenceError, QuarticError
+from quartic.harness import checkpoint
 from quartic.models.transformer import (
     BaseParam,
     Transformer,
@@ -444,7 +444,7 @@ def _accept(f, f_new, slope, slope_new, alpha) -> bool:
 
 # Part of every checkpoint key: bump it when the world's generator or the training recipe changes,
 # so that no stale theta* is reused.
-CHECKPOINT_FORMAT = 3  # 3: orbax arrays (quartic.checkpoint)
+CHECKPOINT_FORMAT = 3  # 3: orbax arrays (quartic.harness.checkpoint)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -590,7 +590,7 @@ def checkpoint_key(
 
 def save_theta_star(directory: str | os.PathLike, model: Transformer, meta: dict) -> Path:
     """Write every ``nnx.Param`` of ``model`` and ``meta`` (which must hold ``"model_config"``) to
-    ``directory`` (:mod:`quartic.checkpoint`: orbax arrays + ``meta.json``). Returns it."""
+    ``directory`` (:mod:`quartic.harness.checkpoint`: orbax arrays + ``meta.json``). Returns it."""
     if "model_config" not in meta:
         raise QuarticError("meta must hold 'model_config' (the TransformerConfig as a dict)")
     _, params = functional(model, nnx.Param)

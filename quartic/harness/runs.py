@@ -37,8 +37,8 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from quartic.config import config_to_dict
-from quartic.errors import DivergenceError, QuarticError
+from quartic.core.errors import DivergenceError, QuarticError
+from quartic.harness.config import config_to_dict
 
 __all__ = [
     "RunDir",

@@ -7,7 +7,7 @@ traceback, so the message must say what was wrong and what to do about it. It su
 
 A `DivergenceError` means a computation left the finite numbers (a learning rate that diverges, a
 loss that became NaN). It carries whatever was recorded before that happened in `partial`, so that
-nothing already computed is lost: `quartic.runs.run_sweep` records it as a failed unit and goes on.
+nothing already computed is lost: `quartic.harness.runs.run_sweep` records it as a failed unit and goes on.
 """
 
 from __future__ import annotations

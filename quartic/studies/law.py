@@ -15,8 +15,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from quartic import aic, dynamics, fitting, theory
-from quartic.problems import CurvedProblem, QuadraticProblem
+from quartic.core import aic, dynamics, fitting, theory
+from quartic.core.problems import CurvedProblem, QuadraticProblem
 
 
 def _tolist(tree):

@@ -31,7 +31,7 @@ import typing
 from collections.abc import Mapping, Sequence
 from typing import Any, Literal, TypeVar, Union
 
-from quartic.errors import QuarticError
+from quartic.core.errors import QuarticError
 
 __all__ = ["apply_overrides", "config_from_dict", "config_keys", "config_to_dict"]
 
