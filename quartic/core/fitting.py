@@ -6,7 +6,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from quartic.errors import QuarticError
+from quartic.core.errors import QuarticError
 
 
 def _as_positive(t, y):
