@@ -78,6 +78,90 @@ def test_lanczos_check_agrees_with_dense():
     assert lanc.residuals.max() < 1e-8
 
 
+def test_lanczos_check_at_n_200_with_40_iterations():
+    """Fewer Lanczos steps than parameters: not exact by construction, checked against eigh."""
+    spec = q.QuadraticSpec(n=200, d=4, tail=0.2, leak=0.05, coupling=0.8)
+    prob, _ = q.make_quadratic(jax.random.PRNGKey(7), spec)
+    lanc = q.check_aic(
+        prob.align_loss_fn,
+        prob.ft_loss_fn,
+        prob.theta_star,
+        rank=4,
+        method="lanczos",
+        num_iters=40,
+        trace_samples=400,
+    )
+    direct = _direct(prob, 4)
+    print("lanczos n=200:", {k: abs(getattr(lanc, k) / float(direct[k]) - 1) for k in RTOL_200})
+    for name, rtol in RTOL_200.items():
+        np.testing.assert_allclose(getattr(lanc, name), direct[name], rtol=rtol, err_msg=name)
+    assert abs(lanc.tail_mass - float(direct["tail_mass"])) < 4 * lanc.tail_mass_stderr
+    lam_h = np.linalg.eigvalsh(np.asarray(prob.ft_hessian))[-1]
+    # λ_max(H_FT) by 60 Lanczos steps at n = 200: its reported residual bounds the error
+    assert abs(lanc.lambda_max_ft - lam_h) <= lanc.lambda_max_ft_residual + 1e-12 * lam_h
+    assert lanc.lambda_max_ft_residual < 1e-6 * lam_h
+    assert not any("λ_max(H_FT)" in w for w in lanc.warnings)
+
+
+RTOL_200 = {"lambda_d": 1e-10, "ortho_norm": 1e-10, "gamma_fisher": 1e-10, "crossover_time": 1e-10}
+
+
+def test_lambda_max_residual_is_reported_and_warned_when_large():
+    """A spectrum with no gap at the top: 60 Lanczos steps leave a residual, said in a warning."""
+    n = 400
+    h = jnp.diag(jnp.linspace(1.0, 2.0, n))
+    f = jnp.diag(jnp.concatenate([jnp.array([3.0, 2.0]), jnp.zeros(n - 2)]))
+    g = jnp.ones(n) / jnp.sqrt(n)
+    la = lambda th: 0.5 * th @ f @ th
+    lf = lambda th: g @ th + 0.5 * th @ h @ th
+    rep = q.check_aic(la, lf, jnp.zeros(n), rank=2, method="lanczos", num_iters=10)
+    assert rep.lambda_max_ft_residual > 1e-6 * 2.0
+    assert abs(rep.lambda_max_ft - 2.0) <= rep.lambda_max_ft_residual
+    assert any("λ_max(H_FT)" in w and "residual" in w for w in rep.warnings)
+    assert "residual" in str(rep)
+
+
+def _indefinite_case():
+    """F = diag(2, 1, −1), H = [[.1, 0, 1], [0, 1, 0], [1, 0, 11]], g = e₁: (Hg)ᵀF(Hg) < 0."""
+    f = jnp.diag(jnp.array([2.0, 1.0, -1.0]))
+    h = jnp.array([[0.1, 0.0, 1.0], [0.0, 1.0, 0.0], [1.0, 0.0, 11.0]])
+    g = jnp.array([1.0, 0.0, 0.0])
+    return (lambda th: 0.5 * th @ f @ th), (lambda th: g @ th + 0.5 * th @ h @ th), f, h, g
+
+
+def test_indefinite_alignment_hessian_uses_the_positive_part_and_warns():
+    la, lf, f, h, g = _indefinite_case()
+    rep = q.check_aic(la, lf, jnp.zeros(3), rank=1, thresholds=q.Thresholds(eps_tail=0.0))
+    f_pos = jnp.clip(f, 0.0)  # diagonal: F₊ = diag(2, 1, 0)
+    hg = h @ g
+    expected_t = 2 * jnp.sqrt(g @ f_pos @ g) / jnp.sqrt(hg @ f_pos @ hg)  # = 2·√2/√0.02 = 20
+    np.testing.assert_allclose(rep.crossover_time, expected_t, rtol=1e-12)
+    np.testing.assert_allclose(rep.tail_mass, 1.0, rtol=1e-12)  # λ₂ = 1; the −1 is not mass
+    assert rep.verdicts["low_rank_tail"].passed is False  # not the vacuous 0 ≤ 0
+    np.testing.assert_allclose(rep.negative_mass, -1.0, rtol=1e-12)
+    assert any("indefinite" in w for w in rep.warnings)
+    lanc = q.check_aic(la, lf, jnp.zeros(3), rank=1, method="lanczos", num_iters=3)
+    assert np.isfinite(lanc.crossover_time) and any("indefinite" in w for w in lanc.warnings)
+    assert lanc.verdicts["low_rank_tail"].passed is None
+
+
+def test_positive_semidefinite_fisher_is_not_called_indefinite():
+    spec = q.QuadraticSpec(n=30, d=3, tail=0.3, leak=0.2, coupling=0.7)
+    prob, _ = q.make_quadratic(jax.random.PRNGKey(3), spec)
+    rep = q.check_aic(prob.align_loss_fn, prob.ft_loss_fn, prob.theta_star, rank=3)
+    assert rep.negative_mass == 0.0 and not any("indefinite" in w for w in rep.warnings)
+
+
+def test_to_dict_writes_nan_as_null():
+    import json
+
+    la, lf, f, h, g = _indefinite_case()
+    rep = q.check_aic(la, lf, jnp.zeros(3), rank=1)
+    rep.crossover_time = float("nan")
+    text = json.dumps(rep.to_dict(), allow_nan=False)
+    assert json.loads(text)["crossover_time"] is None
+
+
 def test_verdicts_use_the_callers_thresholds():
     spec = q.QuadraticSpec(n=30, d=3, tail=0.3, leak=0.2, coupling=0.7)
     prob, _ = q.make_quadratic(jax.random.PRNGKey(3), spec)

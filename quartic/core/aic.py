@@ -25,6 +25,7 @@ import numpy as np
 
 from quartic.core import curvature, pytree, theory
 from quartic.core.errors import QuarticError
+from quartic.core.measure import fisher_weighted
 
 
 @dataclass(frozen=True)
@@ -61,7 +62,33 @@ class AICReport:
     """Every measured quantity of the AIC at θ* (floats), verdicts and warnings.
 
     ``basis`` (``[n, d]``, the top-d eigenvectors) and ``eigenvalues`` are arrays; ``to_dict``
-    gives a JSON-able view without the basis.
+    gives a JSON-able view without the basis (a NaN or inf is written as ``None``, JSON ``null``).
+
+    What the fields hold depends on ``method``:
+
+    - ``"dense"``: ``eigenvalues`` is the whole spectrum of F (``[n]``, descending), ``trace`` its
+      exact sum, ``tail_mass`` the exact ``Σ_{j>d} λ_j``, ``tail_mass_stderr`` 0 and ``residuals``
+      ``None``.
+    - ``"lanczos"``: ``eigenvalues`` holds only the top d (``[d]``) with their exact residuals
+      ``‖F v − λ v‖`` in ``residuals``; ``trace`` is a Hutchinson estimate and ``tail_mass`` =
+      trace − Σ top-d, an estimate with standard error ``tail_mass_stderr``.
+
+    In both, ``lambda_max_ft`` (λ_max(H_FT), which sets ``validity_horizon`` and every t·λ axis)
+    comes from a Lanczos run of at most :data:`LAMBDA_MAX_ITERS` steps; ``lambda_max_ft_residual``
+    is its exact residual ‖H v − λ v‖, a bound on the distance from λ to an eigenvalue of H_FT.
+
+    When F is indefinite (an alignment Hessian with negative curvature, e.g. a refusal
+    cross-entropy with ``fisher=None``), ``tail_mass`` and ``crossover_time`` are computed on F's
+    positive part F₊ (negative directions do not raise Δu at second order, and on F itself the tail
+    can be negative and t× undefined); ``negative_mass`` holds the mass of F's negative part
+    found (dense: Σ min(λ_j, 0) exactly; Lanczos: only what the quadratic forms in g and Hg
+    reveal) and a warning says so.
+
+    ``forecast`` is the second-order forecast of Δu (gradient term kept). It always uses the exact
+    Hessian of ``align_loss_fn``, also when ``fisher=`` is given (``fisher`` replaces the Hessian for
+    the AIC quantities only). It expands θ(t) to second order, so on a curved alignment map
+    (``L_A = ½ φ(θ)ᵀFφ(θ)`` with φ nonlinear) its t⁴ coefficient misses the output-curvature term of
+    c₄ and stays off as t → 0: :func:`quartic.core.theory.taylor_onset` gives the exact c₄.
     """
 
     method: str
@@ -88,6 +115,8 @@ class AICReport:
     warnings: list[str] = field(default_factory=list)
     basis: Any = None
     residuals: np.ndarray | None = None
+    lambda_max_ft_residual: float = math.nan
+    negative_mass: float = 0.0
 
     @property
     def premise_holds(self) -> bool | None:
@@ -105,6 +134,7 @@ class AICReport:
         return 1.0 / self.lambda_max_ft if self.lambda_max_ft > 0 else math.inf
 
     def to_dict(self) -> dict:
+        """A JSON-able view: floats and lists, NaN and inf as ``None`` (JSON ``null``)."""
         out = {}
         for f in dataclasses.fields(self):
             if f.name in ("basis",):
@@ -118,7 +148,7 @@ class AICReport:
                 v = v.tolist()
             out[f.name] = v
         out["taylor_forecast"] = np.asarray(self.forecast.taylor()).tolist()
-        return out
+        return _json_safe(out)
 
     def __str__(self) -> str:
         lines = [
@@ -134,12 +164,39 @@ class AICReport:
             f"  Δu ≈ c t⁴:  c = γ_F²/8 = {self.quartic_coefficient:.4g}"
             f"   (lower bound λ_d γ_u²/8 = {self.lower_bound_coefficient:.4g})",
             f"  crossover t×      {self.crossover_time:.4g}"
-            f"   validity t ≪ 1/λ_max(H) = {self.validity_horizon:.4g}",
+            f"   validity t ≪ 1/λ_max(H) = {self.validity_horizon:.4g}"
+            f"   (λ_max(H) residual {self.lambda_max_ft_residual:.2g})",
+            f"  eigenvalues, trace, tail: {self._fields_note()}",
+            "  forecast: second order in θ(t) and the exact Hessian of L_A (not fisher=); on a"
+            " curved alignment map it misses c₄'s output-curvature term: theory.taylor_onset",
             "  verdicts:",
         ]
         lines += [f"    {v}" for v in self.verdicts.values()]
         lines += [f"  WARNING: {w}" for w in self.warnings]
         return "\n".join(lines)
+
+    def _fields_note(self) -> str:
+        if self.method == "dense":
+            return "dense: the whole spectrum, exact trace and tail"
+        return (
+            f"lanczos: top {self.rank} only, trace and tail by Hutchinson"
+            f" (tail ± {self.tail_mass_stderr:.2g})"
+        )
+
+
+def _json_safe(x):
+    if isinstance(x, dict):
+        return {k: _json_safe(v) for k, v in x.items()}
+    if isinstance(x, list | tuple):
+        return [_json_safe(v) for v in x]
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    return x
+
+
+# Lanczos steps for λ_max(H_FT); its residual is reported and checked against LAMBDA_MAX_RTOL.
+LAMBDA_MAX_ITERS = 60
+LAMBDA_MAX_RTOL = 1e-6
 
 
 def _judge(value, threshold, rule, larger_is_bad=True) -> Verdict:
@@ -214,6 +271,15 @@ def _measure_fn(
             top, basis = w[:rank], v[:, :rank]
             out.update(trace=jnp.sum(w), tail=jnp.sum(w[rank:]), tail_se=jnp.zeros_like(w[0]))
             out["eigenvalues"] = w
+            # F's positive part, for an indefinite F (negative eigenvalues beyond rounding)
+            w_pos = jnp.clip(w, 0.0)
+            out.update(
+                neg_floor=n * jnp.finfo(w.dtype).eps * jnp.abs(w).max(),
+                neg_mass=jnp.sum(jnp.clip(w, None, 0.0)),
+                tail_pos=jnp.sum(w_pos[rank:]),
+                g_f_g_pos=jnp.sum(w_pos * (v.T @ g) ** 2),
+                hg_f_hg_pos=jnp.sum(w_pos * (v.T @ hg) ** 2),
+            )
         else:
             res = curvature.lanczos_eigh(
                 f_mv, n, rank, 0, num_iters=num_iters, key=key, dtype=theta.dtype
@@ -224,21 +290,25 @@ def _measure_fn(
             )
             out.update(trace=est.value, tail=est.value - jnp.sum(top), tail_se=est.stderr)
             out.update(eigenvalues=top, residuals=res.top.residuals)
-        out["lam_max_ft"] = curvature.lanczos_eigh(
-            h_ft, n, 1, 0, num_iters=min(n, 60), key=key, dtype=theta.dtype
-        ).top.values[0]
+        lam_ft = curvature.lanczos_eigh(
+            h_ft, n, 1, 0, num_iters=min(n, LAMBDA_MAX_ITERS), key=key, dtype=theta.dtype
+        ).top
+        out["lam_max_ft"], out["lam_max_ft_residual"] = lam_ft.values[0], lam_ft.residuals[0]
         coords_hg = basis.T @ hg
         out.update(
             top=top,
             basis=basis,
             grad_a=grad_a,
             g=g,
-            gamma_f=jnp.linalg.norm(jnp.sqrt(jnp.clip(top, 0.0)) * coords_hg),
+            gamma_f=fisher_weighted(top, coords_hg),
             gamma_u=jnp.linalg.norm(coords_hg),
             ortho=jnp.linalg.norm(basis.T @ g),
             g_norm=jnp.linalg.norm(g),
             g_f_g=jnp.vdot(g, f_mv(g)),
             hg_f_hg=jnp.vdot(hg, f_mv(hg)),
+            # the rank-d positive part (what Lanczos knows of F₊)
+            g_f_g_top=jnp.sum(jnp.clip(top, 0.0) * (basis.T @ g) ** 2),
+            hg_f_hg_top=jnp.sum(jnp.clip(top, 0.0) * coords_hg**2),
             forecast=theory.Forecast.from_vectors(grad_a, h_a, g, hg),
         )
         return out
@@ -284,7 +354,10 @@ def check_aic(
 
     Returns:
       An :class:`AICReport`. ``gamma_fisher = ‖F^{1/2} P H g‖`` is computed in F's eigenbasis as
-      ``‖√λ ⊙ Bᵀ H g‖``; ``crossover_time`` uses the full F (two matvecs), not its rank-d part.
+      ``‖√λ ⊙ Bᵀ H g‖``; ``crossover_time`` uses the full F (two matvecs), not its rank-d part
+      (F's positive part when F is indefinite). The report's docstring says what each field holds
+      under ``"dense"`` and ``"lanczos"``, and that ``forecast`` uses the Hessian of
+      ``align_loss_fn`` whatever ``fisher`` is.
     """
     if method not in ("dense", "lanczos"):
         raise QuarticError(f"method must be 'dense' or 'lanczos', got {method!r}")
@@ -343,11 +416,39 @@ def check_aic(
     gamma_f, gamma_u, ortho, g_norm = m["gamma_f"], m["gamma_u"], m["ortho"], m["g_norm"]
     g_f_g, hg_f_hg = m["g_f_g"], m["hg_f_hg"]
     ga_norm = float(jnp.linalg.norm(m["grad_a"]))
+    lam_ft_res = float(m["lam_max_ft_residual"])
+
+    # An indefinite F (negative curvature of L_A): tail and t× on its positive part F₊.
+    indefinite_notes, neg_mass = [], 0.0
+    if method == "dense":
+        if float(m["neg_mass"]) < -float(m["neg_floor"]):
+            neg_mass = float(m["neg_mass"])
+            tail, g_f_g, hg_f_hg = m["tail_pos"], m["g_f_g_pos"], m["hg_f_hg_pos"]
+            indefinite_notes.append(
+                f"F is indefinite (negative mass Σ min(λ_j, 0) = {neg_mass:.3g}, smallest "
+                f"eigenvalue {float(eigenvalues[-1]):.3g}): tail mass and crossover time are "
+                "computed on F's positive part"
+            )
+    else:
+        neg = min(float(g_f_g), float(hg_f_hg), 0.0)
+        if neg < 0:
+            neg_mass = neg
+            g_f_g, hg_f_hg = m["g_f_g_top"], m["hg_f_hg_top"]
+            indefinite_notes.append(
+                f"F is indefinite (gᵀFg = {float(m['g_f_g']):.3g}, (Hg)ᵀF(Hg) = "
+                f"{float(m['hg_f_hg']):.3g}): the crossover time is computed on the positive part "
+                "of F's top-d eigenpairs, and the Hutchinson tail mass includes negative mass, so "
+                "its verdict is not judged; use method='dense' for F₊ exactly"
+            )
 
     t = thresholds
     verdicts = {
         "premise": _judge(ga_norm, t.grad_tol, "premise ‖∇L_A(θ*)‖ ≤ tol"),
-        "low_rank_tail": _judge(float(tail), t.eps_tail, "1. tail mass Σ_{j>d} λ_j ≤ ε₁"),
+        "low_rank_tail": _judge(
+            float(tail),
+            None if (indefinite_notes and method == "lanczos") else t.eps_tail,
+            "1. tail mass Σ_{j>d} λ_j ≤ ε₁",
+        ),
         "low_rank_sharp": _judge(float(top[-1]), t.lam, "1. λ_d ≥ λ", larger_is_bad=False),
         "orthogonality": _judge(float(ortho), t.eps_ortho, "2. ‖Pg‖ ≤ ε₂"),
         "coupling": _judge(float(gamma_f), t.gamma, "3. ‖F½PHg‖ ≥ γ", larger_is_bad=False),
@@ -358,6 +459,13 @@ def check_aic(
             f"θ* is not at an aligned optimum: ‖∇L_A(θ*)‖ = {ga_norm:.3g} > {t.grad_tol:.3g}. "
             f"Δu grows linearly, Δu ≈ {float(-forecast.ga_g):.3g}·t at small t; "
             "no quartic law applies here."
+        )
+    warnings += indefinite_notes
+    if not lam_ft_res <= LAMBDA_MAX_RTOL * max(abs(lam_max_ft), 1e-300):
+        warnings.append(
+            f"λ_max(H_FT) = {lam_max_ft:.6g} from {min(n, LAMBDA_MAX_ITERS)} Lanczos steps has "
+            f"residual {lam_ft_res:.2g} (> {LAMBDA_MAX_RTOL:g} relative): it, the validity "
+            "horizon and every t·λ_max scale are uncertain by up to that much"
         )
     if float(top[-1]) <= 0:
         warnings.append(f"λ_d = {float(top[-1]):.3g} ≤ 0: the rank-{rank} subspace is not sharp.")
@@ -395,4 +503,6 @@ def check_aic(
         warnings=warnings,
         basis=basis,
         residuals=residuals,
+        lambda_max_ft_residual=lam_ft_res,
+        negative_mass=neg_mass,
     )
