@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import jet
 
-from quartic.core import dynamics, fitting, theory
+from quartic.core import dynamics, fitting, measure, theory
 from quartic.core.problems import QuadraticSpec, make_curved, make_quadratic
 from quartic.harness import plotting
 from quartic.harness.runs import RunDir, run_sweep, write_json_atomic, write_jsonl_atomic
@@ -108,7 +108,11 @@ def _rung(name, onset_pred, late_pred, t, du, coeffs, t_cross, lam, config, floo
         meas = ladder.measured_window(t, du, config.tol)
         out.update(
             t_cross_predicted=_num(t_cross),
-            t_cross_measured=_num(ladder.crossing_time(t, slope, (onset_pred + late_pred) / 2)),
+            t_cross_measured=_num(
+                measure.crossing_time(
+                    t, slope, (onset_pred + late_pred) / 2, scale="log_t", rising=True
+                )
+            ),
             window_predicted=[_num(win.lo), _num(win.hi)],
             window_next_order=[_num(nxt.lo), _num(nxt.hi)],
             window_measured=[_num(meas.lo), _num(meas.hi)],

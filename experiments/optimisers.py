@@ -34,12 +34,11 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from quartic.core import dynamics, fitting, theory
+from quartic.core import dynamics, fitting, measure, theory
 from quartic.core.errors import DivergenceError, QuarticError
 from quartic.core.problems import QuadraticProblem, QuadraticSpec, make_quadratic
 from quartic.harness import plotting
 from quartic.harness.runs import RunDir, run_sweep, write_json_atomic, write_jsonl_atomic
-from quartic.studies import ladder
 
 TITLE = "Other optimisers: noisy SGD crossover, heavy-ball and Adam leading terms vs simulation"
 QUICK_SECONDS = 25.0
@@ -188,14 +187,19 @@ def sgd_level(config: Config, index: int) -> dict:
     gamma = _gamma_fisher(prob)
     level = theory.SGD_CROSSOVER_SLOPE
 
+    def slope_crossing(y, lvl):  # NaN if never: the stderr below is a nanstd
+        return measure.finite_or(
+            measure.crossing_time(t, y, lvl, scale="log_t", rising=True), math.nan
+        )
+
     def crossover(y):
-        return ladder.crossing_time(t, fitting.local_slope(t, y), level)
+        return slope_crossing(fitting.local_slope(t, y), level)
 
     # the Monte-Carlo crossover's standard error from batch means
     batches = np.array_split(du, config.noise_batches)
     tb = np.array([crossover(b.mean(axis=0)) for b in batches])
     noise_part = mean - det
-    equal = ladder.crossing_time(t, det - noise_part, 0.0)  # where the two contributions are equal
+    equal = slope_crossing(det - noise_part, 0.0)  # where the two contributions are equal
     return {
         "sigma": sigma,
         "trace_f_sigma": trace_fs,

@@ -24,7 +24,7 @@ import sys
 import jax
 import numpy as np
 
-from quartic.core import curvature
+from quartic.core import curvature, measure
 from quartic.core.errors import QuarticError
 from quartic.harness import plotting
 from quartic.harness.runs import RunDir, run_sweep, write_json_atomic
@@ -255,12 +255,12 @@ def summarize(res: dict, config: Config) -> dict:
             "n": len(benign),
             "tasks": len({r["task"] for r in benign}),
             "seeds": len({r["seed"] for r in benign}),
-            "spearman_overlap_harm": collapse.spearman(overlap, harm),
-            "spearman_overlap_harm_ci95": collapse.bootstrap_spearman(overlap, harm),
-            "spearman_fisher_overlap_harm": collapse.spearman(f_overlap, harm),
-            "spearman_fisher_overlap_harm_ci95": collapse.bootstrap_spearman(f_overlap, harm),
-            "spearman_overlap_du_kl": collapse.spearman(overlap, final("du_kl")),
-            "spearman_retention_harm": collapse.spearman(final("retention"), harm),
+            "spearman_overlap_harm": measure.spearman(overlap, harm),
+            "spearman_overlap_harm_ci95": measure.bootstrap_spearman(overlap, harm),
+            "spearman_fisher_overlap_harm": measure.spearman(f_overlap, harm),
+            "spearman_fisher_overlap_harm_ci95": measure.bootstrap_spearman(f_overlap, harm),
+            "spearman_overlap_du_kl": measure.spearman(overlap, final("du_kl")),
+            "spearman_retention_harm": measure.spearman(final("retention"), harm),
         }
     per_task = {}
     for r in longs:

@@ -15,7 +15,7 @@ Public API (see ``docs/`` for the map from the paper's definitions and theorems 
 import importlib
 import sys
 
-from quartic.core import curvature, data, dynamics, fitting, pytree, theory
+from quartic.core import curvature, data, dynamics, fitting, measure, pytree, theory
 from quartic.core.aic import AICReport, Thresholds, check_aic
 from quartic.core.errors import DivergenceError, QuarticError
 from quartic.core.problems import (
@@ -35,6 +35,7 @@ for _name in (
     "dynamics",
     "errors",
     "fitting",
+    "measure",
     "problems",
     "pytree",
     "theory",
@@ -59,6 +60,7 @@ __all__ = [
     "fitting",
     "make_curved",
     "make_quadratic",
+    "measure",
     "pytree",
     "theory",
 ]

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import quartic as q
-from quartic.core import theory
+from quartic.core import measure, theory
 from quartic.harness import cli
 from quartic.harness.runs import read_json
 from quartic.studies import forecast as fc
@@ -63,7 +63,7 @@ def test_quartic_time_error_vanishes_as_threshold_goes_to_zero():
     du = lambda t: prob.delta_u(prob.flow(t))
     errors = []
     for thr in 10.0 ** np.arange(-6, -21, -3):
-        t_true = theory.time_to_threshold(du, thr, t_max=10.0)
+        t_true = measure.time_to_threshold(du, thr, t_max=10.0)
         t_quartic = float(theory.quartic_time_to_threshold(c4, thr))
         errors.append(abs(t_quartic - t_true) / t_true)
     errors = np.asarray(errors)
@@ -74,8 +74,8 @@ def test_quartic_time_error_vanishes_as_threshold_goes_to_zero():
 
 
 def test_crossing_and_polynomial_times():
-    assert fc.crossing_time([0, 1, 2], [0.0, 1.0, 3.0], 2.0) == pytest.approx(1.5)
-    assert fc.crossing_time([0, 1, 2], [0.0, 1.0, 3.0], 5.0) == math.inf
+    assert measure.crossing_time([0, 1, 2], [0.0, 1.0, 3.0], 2.0) == pytest.approx(1.5)
+    assert measure.crossing_time([0, 1, 2], [0.0, 1.0, 3.0], 5.0) == math.inf
     assert fc.polynomial_time([0.0, 2.0], 8.0, t_max=10.0) == pytest.approx(2.0, rel=1e-12)
     assert fc.polynomial_time([0.0, -2.0], 8.0, t_max=10.0) == math.inf
     f = theory.Forecast(*(jnp.asarray(x) for x in (0.0, 0.0, 2.0, 0.0, 0.0)))  # Δu = s² = (ηk)²
@@ -97,7 +97,7 @@ def test_forecast_crossing_on_a_generic_problem():
         check_every=20,
         rank=RANK,
     )
-    exact = theory.time_to_threshold(lambda t: prob.delta_u(prob.flow(t)), thr, t_max=10.0)
+    exact = measure.time_to_threshold(lambda t: prob.delta_u(prob.flow(t)), thr, t_max=10.0)
     assert pred.simulated == pytest.approx(exact, rel=2e-2)  # GD at lr·λ ≈ 5e-3 tracks the flow
     err = pred.relative_errors()
     assert err["second_order"] < 0.02 and err["monitored"] < 0.02, err

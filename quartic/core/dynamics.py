@@ -19,6 +19,7 @@ import numpy as np
 import optax
 from jax import lax
 
+from quartic.core import measure
 from quartic.core.errors import DivergenceError, QuarticError
 
 Observer = Callable[[jax.Array], dict]
@@ -84,9 +85,7 @@ def make_observer(
             out["proj_norm"] = jnp.linalg.norm(coords)
             out["overlap"] = out["proj_norm"] / jnp.maximum(out["delta_norm"], 1e-300)
             if eigenvalues is not None:
-                out["fisher_proj_norm"] = jnp.linalg.norm(
-                    jnp.sqrt(jnp.clip(eigenvalues, 0)) * coords
-                )
+                out["fisher_proj_norm"] = measure.fisher_weighted(eigenvalues, coords)
         if curvature_fn is not None and basis is not None:
             d = basis.shape[1]
             _, v = jnp.linalg.eigh(curvature_fn(theta))

@@ -148,34 +148,6 @@ class Forecast(NamedTuple):
         return self._replace(ga_g=z, ga_hg=z)
 
 
-def time_to_threshold(
-    forecast_fn: Callable[[jax.Array], jax.Array],
-    threshold: float,
-    t_max: float,
-    num: int = 4096,
-) -> float:
-    """First ``t ∈ (0, t_max]`` with ``forecast_fn(t) ≥ threshold`` (``inf`` if none).
-
-    Located on a geometric grid, then refined by bisection to float64 precision.
-    """
-    ts = jnp.geomspace(t_max * 1e-8, t_max, num)
-    vals = np.asarray(forecast_fn(ts))
-    hit = np.nonzero(vals >= threshold)[0]
-    if hit.size == 0:
-        return math.inf
-    i = int(hit[0])
-    if i == 0:
-        return float(ts[0])
-    lo, hi = float(ts[i - 1]), float(ts[i])
-    for _ in range(80):
-        mid = 0.5 * (lo + hi)
-        if float(forecast_fn(jnp.asarray(mid))) >= threshold:
-            hi = mid
-        else:
-            lo = mid
-    return hi
-
-
 def quartic_time_to_threshold(coefficient, threshold) -> jax.Array:
     """Pure quartic law ``c₄ t⁴ = threshold`` solved for t."""
     return (jnp.asarray(threshold) / coefficient) ** 0.25

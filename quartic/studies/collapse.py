@@ -34,7 +34,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from quartic.core import aic, curvature, dynamics, fitting, pytree, theory
+from quartic.core import aic, curvature, dynamics, fitting, measure, pytree, theory
+from quartic.core.measure import spearman  # noqa: F401  (still importable from here)
 from quartic.models import TransformerConfig
 from quartic.studies.training import AlignedModel, make_aligned_model
 from quartic.tasks import token_world as tw
@@ -198,7 +199,7 @@ def skill_curvature(
         "share_top": {
             d: float(jnp.sum(w[:d]) / trace) for d in (1, 2, 5, 10, 20, 50) if d < setup.n
         },
-        "effective_rank": float(trace**2 / jnp.sum(w**2)),
+        "effective_rank": measure.effective_rank(w),
         "lambda_d": float(w[rank - 1]),
         "gauss_newton_vs_fisher": float(jnp.linalg.norm(gn - fisher) / fnorm),
         "fisher_vs_matvec_form": probe_rel(curvature.fisher_matvec(setup.answer_logits, th)),
@@ -487,7 +488,7 @@ def _long_fn(
                     "delta_norm": jnp.linalg.norm(delta),
                     "overlap": jnp.linalg.norm(coords)
                     / jnp.maximum(jnp.linalg.norm(delta), 1e-300),
-                    "fisher_overlap": jnp.linalg.norm(jnp.sqrt(jnp.clip(eig_top, 0)) * coords),
+                    "fisher_overlap": measure.fisher_weighted(eig_top, coords),
                 }
 
             x0 = theta0 if phi0 is None else phi0
@@ -542,38 +543,3 @@ def long_finetune(
         "steps": rec.tolist(),
         **obs,
     }
-
-
-def spearman(x, y) -> float:
-    """Spearman rank correlation (average ranks for ties)."""
-
-    def rank(a):
-        a = np.asarray(a, float)
-        order = np.argsort(a, kind="mergesort")
-        r = np.empty(len(a))
-        r[order] = np.arange(len(a))
-        for val in np.unique(a):
-            idx = a == val
-            r[idx] = r[idx].mean()
-        return r
-
-    rx, ry = rank(x), rank(y)
-    if rx.std() == 0 or ry.std() == 0:
-        return float("nan")
-    return float(np.corrcoef(rx, ry)[0, 1])
-
-
-def bootstrap_spearman(
-    x, y, num: int = 2000, seed: int = 0, level: float = 0.95
-) -> tuple[float, float]:
-    """Percentile bootstrap interval of Spearman's ρ (pairs resampled with replacement)."""
-    rng = np.random.default_rng(seed)
-    x, y = np.asarray(x), np.asarray(y)
-    vals = []
-    for _ in range(num):
-        i = rng.integers(0, len(x), len(x))
-        r = spearman(x[i], y[i])
-        if np.isfinite(r):
-            vals.append(r)
-    lo, hi = np.quantile(vals, [(1 - level) / 2, (1 + level) / 2])
-    return float(lo), float(hi)

@@ -46,7 +46,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from quartic.core import curvature, fitting
+from quartic.core import curvature, fitting, measure
 from quartic.core.errors import DivergenceError, QuarticError
 
 Matvec = Callable[[jax.Array], jax.Array]
@@ -506,12 +506,14 @@ class CouplingPenalty(_WithSubspace):
         return Cost(3.0, 1.0, self._iters(n, rank))
 
     def step(self, losses, state):
-        b, sq = state.basis, jnp.sqrt(jnp.clip(state.values, 0.0))
+        b, lam = state.basis, state.values
 
         def penalised(th):
             g = jax.grad(losses.ft_loss_fn)(th)
             hg = curvature.hvp(losses.ft_loss_fn, th, g)
-            return losses.ft_loss_fn(th) + 0.5 * self.mu * jnp.sum((sq * (b.T @ hg)) ** 2)
+            return losses.ft_loss_fn(th) + 0.5 * self.mu * jnp.sum(
+                measure.fisher_coords(lam, b, hg) ** 2
+            )
 
         return self._sgd(state, jax.grad(penalised)(state.theta))
 

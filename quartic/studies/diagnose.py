@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from quartic.core import aic, dynamics, pytree, theory
+from quartic.core import aic, dynamics, measure, pytree, theory
 from quartic.core.errors import QuarticError
 
 
@@ -117,17 +117,8 @@ def _rank_from_variance(eigenvalues: np.ndarray, trace: float, target: float) ->
 
 
 def _crossing(steps, values, threshold) -> float | None:
-    above = np.nonzero(np.asarray(values) >= threshold)[0]
-    if above.size == 0:
-        return None
-    i = int(above[0])
-    if i == 0:
-        return float(steps[0])
-    # log-linear interpolation between the bracketing records
-    k0, k1 = float(steps[i - 1]), float(steps[i])
-    v0, v1 = max(float(values[i - 1]), 1e-300), float(values[i])
-    frac = (math.log(threshold) - math.log(v0)) / (math.log(v1) - math.log(v0))
-    return float(math.exp(math.log(k0) + frac * (math.log(k1) - math.log(k0))))
+    # log-log interpolation between the bracketing records; None (JSON null) if never
+    return measure.finite_or(measure.crossing_time(steps, values, threshold, scale="log"), None)
 
 
 def diagnose(

@@ -31,7 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from quartic.core import aic, curvature, theory
+from quartic.core import aic, curvature, measure, theory
 from quartic.core.errors import QuarticError
 from quartic.studies import defences
 
@@ -127,7 +127,7 @@ class Diagnosis(NamedTuple):
         (``∇L_FT(θ*)``); without it the report's ``ortho_norm`` weighted by λ_1 bounds it."""
         lam = jnp.asarray(report.eigenvalues[: report.rank])
         if g is not None:
-            eps = jnp.linalg.norm(jnp.sqrt(jnp.clip(lam, 0.0)) * (report.basis.T @ g))
+            eps = measure.fisher_norm(lam, report.basis, g)
         else:
             eps = jnp.sqrt(jnp.max(lam)) * report.ortho_norm
         return cls(
@@ -163,13 +163,12 @@ def diagnose_dense(
     g = jax.grad(ft_loss_fn)(theta)
     grad_a = jax.grad(align_loss_fn)(theta)
     hg = h_ft @ g
-    sq = jnp.sqrt(jnp.clip(lam, 0.0))
     fc = theory.Forecast.from_vectors(grad_a, lambda x: h_a @ x, g, hg)
     return Diagnosis(
         fc,
         lam,
-        jnp.linalg.norm(sq * (basis.T @ hg)),
-        jnp.linalg.norm(sq * (basis.T @ g)),
+        measure.fisher_norm(lam, basis, hg),
+        measure.fisher_norm(lam, basis, g),
         jnp.linalg.norm(basis.T @ g),
         jnp.linalg.eigvalsh(curvature.symmetrize(h_ft))[-1],
     )
@@ -192,13 +191,12 @@ def diagnose_lanczos(
     g = jax.grad(ft_loss_fn)(theta)
     grad_a = jax.grad(align_loss_fn)(theta)
     hg = curvature.hvp(ft_loss_fn, theta, g)
-    sq = jnp.sqrt(jnp.clip(lam, 0.0))
     fc = theory.Forecast.from_vectors(grad_a, curvature.hvp_fn(align_loss_fn, theta), g, hg)
     return Diagnosis(
         fc,
         lam,
-        jnp.linalg.norm(sq * (basis.T @ hg)),
-        jnp.linalg.norm(sq * (basis.T @ g)),
+        measure.fisher_norm(lam, basis, hg),
+        measure.fisher_norm(lam, basis, g),
         jnp.linalg.norm(basis.T @ g),
         jnp.asarray(lambda_max_ft, theta.dtype),
     )
@@ -277,20 +275,6 @@ def simulate_with_checks(
 
 # ----------------------------------------------------------------------------------------------
 # Crossing times
-
-
-def crossing_time(times, values, threshold: float) -> float:
-    """First time the recorded ``values`` reach ``threshold`` (linear interpolation between the
-    bracketing records; ``inf`` if never, ``times[0]`` if already there)."""
-    t, v = np.asarray(times, float), np.asarray(values, float)
-    hit = np.flatnonzero(v >= threshold)
-    if hit.size == 0:
-        return math.inf
-    k = int(hit[0])
-    if k == 0:
-        return float(t[0])
-    f = (threshold - v[k - 1]) / (v[k] - v[k - 1])
-    return float(t[k - 1] + f * (t[k] - t[k - 1]))
 
 
 def _forecast_gd_values(fc: theory.Forecast, lr: float, k):
@@ -413,7 +397,7 @@ def predictions(
         raise QuarticError(f"lead must be in (0, 1], got {lead}")
     du = np.asarray(run.delta_u, float)
     steps = np.arange(du.shape[0])
-    k_c = crossing_time(steps, du, threshold)
+    k_c = measure.crossing_time(steps, du, threshold)
     t_c = lr * k_c
     k_max = horizon * du.shape[0]
     d0 = jax.tree.map(lambda x: np.asarray(x, float), diagnosis)

@@ -129,18 +129,6 @@ def series_slope(coefficients, t) -> np.ndarray:
         return np.where(p > 0, dp / p, np.nan)
 
 
-def crossing_time(t, slope, level: float) -> float:
-    """The first t where ``slope`` rises through ``level`` (log-linear interpolation); NaN if never."""
-    t, s = np.asarray(t, float), np.asarray(slope, float)
-    above = s >= level
-    idx = np.nonzero(above[1:] & ~above[:-1] & np.isfinite(s[:-1]))[0]
-    if idx.size == 0:
-        return math.nan
-    i = int(idx[0])
-    frac = (level - s[i]) / (s[i + 1] - s[i])
-    return float(np.exp(np.log(t[i]) + frac * (np.log(t[i + 1]) - np.log(t[i]))))
-
-
 # ----------------------------------------------------------------------------------------------
 # The window of slope 4
 

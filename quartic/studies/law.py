@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from quartic.core import aic, dynamics, fitting, theory
+from quartic.core import aic, dynamics, fitting, measure, theory
 from quartic.core.problems import CurvedProblem, QuadraticProblem
 
 
@@ -38,8 +38,7 @@ def _quadratic_arrays(prob: QuadraticProblem, ts, steps, lr, rank: int):
     hg = prob.ft_hessian @ prob.ft_grad
     h2g = prob.ft_hessian @ hg
     h3g = prob.ft_hessian @ h2g
-    sq = jnp.sqrt(jnp.clip(lam, 0.0))
-    a, b, c = sq * (basis.T @ hg), sq * (basis.T @ h2g), sq * (basis.T @ h3g)
+    a, b, c = (measure.fisher_coords(lam, basis, v) for v in (hg, h2g, h3g))
     return {
         "exact": exact,
         "rk4": rk4.observables["delta_u"],

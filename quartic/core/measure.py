@@ -1,0 +1,206 @@
+"""Small measurements shared by every study: when a curve crosses a level, rank correlations, mean ±
+std over seeds, the effective rank of a spectrum, and the Fisher-weighted norm ``‖Λ^½ Bᵀ v‖``.
+
+"Never crossed" is ``math.inf`` everywhere here; a caller whose summary format says it another way
+(``None`` in JSON, NaN in a table) converts at its edge.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from quartic.core.errors import QuarticError
+
+# ----------------------------------------------------------------------------------------------
+# Threshold crossing
+
+_SCALES = ("linear", "log_t", "log")
+
+
+def first_index_at_or_above(values, level: float, *, rising: bool = False) -> int | None:
+    """Index of the first record ``≥ level`` (``None`` if none).
+
+    ``rising=True`` asks for an upward crossing: the first ``i + 1`` with ``values[i]`` finite and
+    below ``level`` and ``values[i + 1] ≥ level`` (a curve that starts above the level has not
+    crossed it until it dips and rises again).
+    """
+    v = np.asarray(values)
+    above = v >= level
+    if rising:
+        idx = np.nonzero(above[1:] & ~above[:-1] & np.isfinite(v[:-1]))[0]
+        return int(idx[0]) + 1 if idx.size else None
+    hit = np.flatnonzero(above)
+    return int(hit[0]) if hit.size else None
+
+
+def crossing_time(t, values, level: float, *, scale: str = "linear", rising: bool = False) -> float:
+    """The first time the recorded ``values`` reach ``level``, interpolated between the two
+    bracketing records; ``math.inf`` if never, ``t[0]`` if the first record is already there.
+
+    Args:
+      t, values: ``[K]`` record times (increasing) and the curve at them.
+      level: the threshold.
+      scale: how to interpolate between the bracketing records: ``"linear"`` (linear in t and in
+        the values), ``"log_t"`` (linear in the values, geometric in t: for a local slope against
+        log t) or ``"log"`` (log-log: for a loss that grows as a power of t; values clipped at
+        1e-300 below; computed in Python floats with the math module, the others in numpy
+        float64: the two libraries' logs can differ in the last bit).
+      rising: count only an upward crossing (see :func:`first_index_at_or_above`).
+    """
+    if scale not in _SCALES:
+        raise QuarticError(f"scale must be one of {_SCALES}, got {scale!r}")
+    if scale != "log":
+        t, values = np.asarray(t, float), np.asarray(values, float)
+    i = first_index_at_or_above(values, level, rising=rising)
+    if i is None:
+        return math.inf
+    if scale == "log":
+        if i == 0:
+            return float(t[0])
+        k0, k1 = float(t[i - 1]), float(t[i])
+        v0, v1 = max(float(values[i - 1]), 1e-300), float(values[i])
+        frac = (math.log(level) - math.log(v0)) / (math.log(v1) - math.log(v0))
+        return float(math.exp(math.log(k0) + frac * (math.log(k1) - math.log(k0))))
+    v = values
+    if i == 0:
+        return float(t[0])
+    frac = (level - v[i - 1]) / (v[i] - v[i - 1])
+    if scale == "log_t":
+        return float(np.exp(np.log(t[i - 1]) + frac * (np.log(t[i]) - np.log(t[i - 1]))))
+    return float(t[i - 1] + frac * (t[i] - t[i - 1]))
+
+
+def finite_or(x: float, default):
+    """``x`` if finite, else ``default``: how a caller says "never crossed" in its own format."""
+    return x if math.isfinite(x) else default
+
+
+def time_to_threshold(
+    forecast_fn: Callable[[jax.Array], jax.Array],
+    threshold: float,
+    t_max: float,
+    num: int = 4096,
+) -> float:
+    """First ``t ∈ (0, t_max]`` with ``forecast_fn(t) ≥ threshold`` (``inf`` if none), for a curve
+    given as a function rather than as records.
+
+    Located on a geometric grid, then refined by bisection to float64 precision.
+    """
+    ts = jnp.geomspace(t_max * 1e-8, t_max, num)
+    i = first_index_at_or_above(np.asarray(forecast_fn(ts)), threshold)
+    if i is None:
+        return math.inf
+    if i == 0:
+        return float(ts[0])
+    lo, hi = float(ts[i - 1]), float(ts[i])
+    for _ in range(80):
+        mid = 0.5 * (lo + hi)
+        if float(forecast_fn(jnp.asarray(mid))) >= threshold:
+            hi = mid
+        else:
+            lo = mid
+    return hi
+
+
+# ----------------------------------------------------------------------------------------------
+# Statistics over seeds, pairs, units
+
+
+def spearman(x, y) -> float:
+    """Spearman rank correlation (average ranks for ties); NaN if either side is constant."""
+
+    def rank(a):
+        a = np.asarray(a, float)
+        order = np.argsort(a, kind="mergesort")
+        r = np.empty(len(a))
+        r[order] = np.arange(len(a))
+        for val in np.unique(a):
+            idx = a == val
+            r[idx] = r[idx].mean()
+        return r
+
+    rx, ry = rank(x), rank(y)
+    if rx.std() == 0 or ry.std() == 0:
+        return float("nan")
+    return float(np.corrcoef(rx, ry)[0, 1])
+
+
+def bootstrap_spearman(
+    x, y, num: int = 2000, seed: int = 0, level: float = 0.95
+) -> tuple[float, float]:
+    """Percentile bootstrap interval of Spearman's ρ (pairs resampled with replacement)."""
+    rng = np.random.default_rng(seed)
+    x, y = np.asarray(x), np.asarray(y)
+    vals = []
+    for _ in range(num):
+        i = rng.integers(0, len(x), len(x))
+        r = spearman(x[i], y[i])
+        if np.isfinite(r):
+            vals.append(r)
+    lo, hi = np.quantile(vals, [(1 - level) / 2, (1 + level) / 2])
+    return float(lo), float(hi)
+
+
+def mean_std(values: Iterable, ddof: int = 1, extremes: bool = False) -> dict:
+    """``{"mean", "std", "n"}`` of the values that are not ``None`` (``std`` with ``ddof``; 0 for a
+    single value; all ``None`` for no value), plus ``"min"``/``"max"`` when ``extremes``."""
+    v = np.asarray([x for x in values if x is not None], float)
+    if v.size == 0:
+        out = {"mean": None, "std": None, "n": 0}
+        return {**out, "min": None, "max": None} if extremes else out
+    out = {
+        "mean": float(v.mean()),
+        "std": float(v.std(ddof=ddof)) if v.size > ddof else 0.0,
+        "n": int(v.size),
+    }
+    if extremes:
+        out.update(min=float(v.min()), max=float(v.max()))
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Spectra and the Fisher-weighted norm
+
+
+def effective_rank(eigenvalues) -> float:
+    """The participation ratio ``(Σλ)² / Σλ²`` of a positive semi-definite spectrum (1 for one
+    direction, d for d equal ones); clip negative rounding noise before calling if it matters."""
+    w = jnp.asarray(eigenvalues)
+    return float(float(jnp.sum(w)) ** 2 / jnp.sum(w**2))
+
+
+def fisher_weighted(eigenvalues, coords) -> jax.Array:
+    """``‖Λ^½ c‖`` for coordinates ``c`` already in the eigenbasis (negative λ clipped to 0)."""
+    return jnp.linalg.norm(jnp.sqrt(jnp.clip(eigenvalues, 0.0)) * coords)
+
+
+def fisher_coords(eigenvalues, basis, v) -> jax.Array:
+    """``Λ^½ Bᵀ v [d]``: ``v``'s coordinates on the eigenvectors ``B [n, d]``, each scaled by
+    ``√λ`` (negative λ clipped to 0)."""
+    return jnp.sqrt(jnp.clip(eigenvalues, 0.0)) * (basis.T @ v)
+
+
+def fisher_norm(eigenvalues, basis, v) -> jax.Array:
+    """``‖Λ^½ Bᵀ v‖``: the norm of ``v`` in the metric of the curvature ``B Λ Bᵀ`` restricted to
+    its top-d eigenvectors ``B [n, d]`` (γ_F when ``v = Hg``, ε_F when ``v = g``)."""
+    return jnp.linalg.norm(fisher_coords(eigenvalues, basis, v))
+
+
+__all__ = [
+    "bootstrap_spearman",
+    "crossing_time",
+    "effective_rank",
+    "finite_or",
+    "first_index_at_or_above",
+    "fisher_coords",
+    "fisher_norm",
+    "fisher_weighted",
+    "mean_std",
+    "spearman",
+    "time_to_threshold",
+]

@@ -1,0 +1,62 @@
+"""The shared measurements: crossing times (each interpolation, never = inf), statistics, spectra."""
+
+import math
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from quartic.core import measure
+from quartic.core.errors import QuarticError
+
+
+def test_crossing_time_interpolates_on_each_scale():
+    t = np.array([1.0, 2.0, 4.0])
+    v = np.array([1.0, 4.0, 16.0])  # v = t²
+    assert measure.crossing_time(t, v, 2.5) == pytest.approx(1.5)
+    # log-log: a power law is crossed exactly where it reaches the level
+    assert measure.crossing_time(t, v, 8.0, scale="log") == pytest.approx(math.sqrt(8.0), rel=1e-14)
+    # geometric in t, linear in v: halfway in v between 4 and 16 is √(2·4)
+    assert measure.crossing_time(t, v, 10.0, scale="log_t") == pytest.approx(math.sqrt(8.0))
+    for scale in ("linear", "log_t", "log"):
+        assert measure.crossing_time(t, v, 0.5, scale=scale) == 1.0  # already there
+        assert measure.crossing_time(t, v, 17.0, scale=scale) == math.inf  # never
+    with pytest.raises(QuarticError, match="scale"):
+        measure.crossing_time(t, v, 2.0, scale="cubic")
+
+
+def test_rising_crossing_waits_for_an_upward_pass():
+    t = np.arange(1.0, 6.0)
+    v = np.array([5.0, 1.0, 2.0, 6.0, 7.0])
+    assert measure.crossing_time(t, v, 4.0) == 1.0
+    assert measure.crossing_time(t, v, 4.0, rising=True) == pytest.approx(3.5)
+    assert measure.first_index_at_or_above([np.nan, 5.0], 4.0, rising=True) is None
+    assert measure.finite_or(math.inf, None) is None and measure.finite_or(2.0, None) == 2.0
+
+
+def test_time_to_threshold_bisects_to_the_root():
+    assert measure.time_to_threshold(lambda s: s**4, 16.0, t_max=10.0) == pytest.approx(
+        2.0, rel=1e-12
+    )
+    assert measure.time_to_threshold(lambda s: s**4, 1e9, t_max=10.0) == math.inf
+
+
+def test_statistics():
+    assert measure.spearman([1, 2, 3, 4], [10, 20, 30, 25]) == pytest.approx(0.8)
+    assert math.isnan(measure.spearman([1, 2, 3], [5, 5, 5]))
+    lo, hi = measure.bootstrap_spearman(np.arange(20.0), np.arange(20.0) ** 3, num=50)
+    assert lo == pytest.approx(1.0) and hi == pytest.approx(1.0)
+    s = measure.mean_std([1.0, None, 3.0])
+    assert s == {"mean": 2.0, "std": pytest.approx(math.sqrt(2.0)), "n": 2}
+    assert measure.mean_std([1.0, 3.0], ddof=0, extremes=True)["std"] == pytest.approx(1.0)
+    assert measure.mean_std([None])["mean"] is None
+
+
+def test_effective_rank_and_fisher_norm():
+    assert measure.effective_rank(jnp.array([2.0, 2.0, 2.0, 0.0])) == pytest.approx(3.0)
+    assert measure.effective_rank(jnp.array([1.0, 0.0])) == pytest.approx(1.0)
+    basis = jnp.eye(3)[:, :2]
+    lam = jnp.array([4.0, -1.0])  # a negative eigenvalue contributes nothing
+    v = jnp.array([1.0, 5.0, 7.0])
+    assert float(measure.fisher_norm(lam, basis, v)) == pytest.approx(2.0)
+    np.testing.assert_allclose(measure.fisher_coords(lam, basis, v), [2.0, 0.0])
