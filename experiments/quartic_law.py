@@ -1,4 +1,4 @@
-"""The quartic law on the quadratic and curved families (Cor 6.3, Thm 6.2; THEORY.md §3).
+"""The quartic law on the quadratic and curved families (Cor 6.3, Thm 6.2; docs/theory.md §3).
 
 For every seed: draw a quadratic problem that satisfies the AIC exactly (Pg = 0, no Fisher tail),
 compute every AIC quantity with ``check_aic``, follow the exact gradient-flow path, the RK4 flow

@@ -1,6 +1,6 @@
 """Transfer learning and adversarial robustness: the companion paper in miniature (issue 5).
 
-THEORY.md §5 (Turbal et al., arXiv:2501.00066) at small scale, end to end on the project's own
+docs/theory.md §5 (Turbal et al., arXiv:2501.00066) at small scale, end to end on the project's own
 transformers and the synthetic synonym language (``quartic.tasks.synonyms``):
 
 1. pretrain a language model per (size, architecture, seed): the decoder by next-token prediction,

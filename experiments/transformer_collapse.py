@@ -1,4 +1,4 @@
-"""Alignment collapse in a small transformer, measured exactly (issue 3; THEORY.md §3–4).
+"""Alignment collapse in a small transformer, measured exactly (docs/theory.md §3–4).
 
 A tiny causal transformer is pretrained on a synthetic token world, aligned to answer REFUSE on two
 harm categories (θ*, cached), then fine-tuned on six benign tasks. At θ* the float64 Fisher of each

@@ -1,5 +1,5 @@
 # %% [markdown]
-# # The onset ladder and the crossover time *(ours, THEORY.md §3)*
+# # The onset ladder and the crossover time *(ours, docs/theory.md §3)*
 #
 # The AIC (Def 5.1) asks for (2) initial orthogonality ‖Pg‖ ≤ ε and (3) curvature coupling
 # ‖F^{1/2}PHg‖ ≥ γ. What happens when one of them fails is an exact ladder on quadratics: if the

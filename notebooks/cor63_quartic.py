@@ -5,7 +5,7 @@
 #
 #     Δu(θ(t)) = Ω(λ γ² t⁴)   on a window [0, t₀]
 #
-# — a lower bound on a finite window, not an asymptotic equality. THEORY.md reads the constant
+# — a lower bound on a finite window, not an asymptotic equality. docs/theory.md reads the constant
 # two ways, and we compute both on a quadratic problem with Pg = 0 and no Fisher tail:
 #
 # - (a) γ_F = ‖F^{1/2}PHg‖: the exact leading term, Δu = γ_F² t⁴/8 + O(t⁵), so the ratio

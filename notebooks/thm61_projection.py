@@ -8,7 +8,7 @@
 #
 # On the quadratic model (L_A = ½δᵀFδ) the bound is an *equality* when F has no mass outside M, and
 # the tail only adds. On the curved family (L_A = ½φᵀFφ, φ(θ) = θ + c‖θ‖²) the remainder is
-# ‖δ‖²cᵀFδ + ½‖δ‖⁴cᵀFc: cubic in a generic direction, quartic along M⊥. THEORY.md's remark: along a
+# ‖δ‖²cᵀFδ + ½‖δ‖⁴cᵀFc: cubic in a generic direction, quartic along M⊥. docs/theory.md's remark: along a
 # flow with Pg = 0 the bound term is only O(t⁴) while O(‖δ‖³) = O(t³), so the theorem's remainder
 # can only be ignored because it vanishes to the next order along M⊥ — and the O(t⁴) piece that
 # remains is exactly the output-curvature part of c₄ that the paper's γ_F²/8 omits.
@@ -91,7 +91,7 @@ assert np.all(r_many >= -fc_norm * norms**3 * (1 + 1e-9)), "Thm 6.1 remainder bo
 
 # along the flow with Pg = 0: the remainder is O(t⁴), the same order as the bound term, and its
 # t⁴ coefficient is c₄ − γ_F²/8: the exact c₄ = ½vᵀFv, v = ½Hg + ½∇²φ[g, g] = ½Hg + c‖g‖²
-# (THEORY.md; `theory.taylor_onset` computes it for any model, see aic_ladder.py), minus the
+# (docs/theory.md; `theory.taylor_onset` computes it for any model, see aic_ladder.py), minus the
 # paper's constant, which omits the output-curvature term c‖g‖²
 tf = np.geomspace(1e-4, 1e-2, 20) / float(jnp.linalg.eigvalsh(curved.base.ft_hessian)[-1])
 r_flow = np.asarray(remainder(curved.base.flow(tf)))  # quartic=0: the flow is the base flow

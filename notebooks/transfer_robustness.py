@@ -1,7 +1,7 @@
 # %% [markdown]
 # # Transfer learning and adversarial robustness, in miniature
 #
-# The companion paper (Turbal et al., arXiv:2501.00066; THEORY.md §5) fine-tunes a pretrained model
+# The companion paper (Turbal et al., arXiv:2501.00066; docs/theory.md §5) fine-tunes a pretrained model
 # on a small *target* task either **directly** or **through a large source task** first, and finds
 # that transfer raises clean accuracy (OAcc) but also the success rate of a synonym-substitution
 # attack (ASR). quartic reproduces the protocol on its own transformers and a synthetic synonym

@@ -6,7 +6,7 @@
 # below is exact: the true Fisher of the skill is a dense 2184 × 2184 matrix, the Taylor
 # coefficients of Δu come from Taylor-mode AD (`theory.taylor_onsets`), and Δu is simulated along
 # the gradient flow (RK4). The alignment loss is the **KL drift** from θ*'s own answers
-# (THEORY.md §3): its gradient at θ* is exactly 0 and its Hessian is exactly the Fisher, so the
+# (docs/theory.md §3): its gradient at θ* is exactly 0 and its Hessian is exactly the Fisher, so the
 # premise of the law holds by construction.
 #
 # A natural task leaks at first order (‖Pg‖/‖g‖ ≈ 0.3 on `sort`): Δu starts at t². The **controlled

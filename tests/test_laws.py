@@ -1,6 +1,6 @@
 """The laws, tested as laws: exponents on geometric grids, ratios to exact coefficients.
 
-Tolerances come from the expansions in THEORY.md §3 (float64 throughout).
+Tolerances come from the expansions in docs/theory.md §3 (float64 throughout).
 """
 
 import jax

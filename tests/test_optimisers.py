@@ -58,7 +58,7 @@ def test_sgd_noise_delta_u_is_the_exact_covariance_sum(exp, cfg):
 
 
 def test_sgd_crossover_time_is_where_the_two_terms_meet():
-    """The constant in THEORY.md: ½ η t tr(FΣ) = γ_F² t⁴/8 at t_c, and the two-term law's local
+    """The constant in docs/theory.md: ½ η t tr(FΣ) = γ_F² t⁴/8 at t_c, and the two-term law's local
     slope there is SGD_CROSSOVER_SLOPE = 2.5."""
     lr, tr, gamma = 1e-5, 3.0, 0.2
     tc = float(theory.sgd_noise_crossover_time(lr, tr, gamma))

@@ -1,6 +1,6 @@
 """Model families with known geometry: the quadratic manifold and a curved family.
 
-``QuadraticProblem`` (THEORY.md §1–3): θ* = 0, ``L_A(θ) = ½ θᵀFθ``, ``L_FT(θ) = gᵀθ + ½ θᵀHθ``.
+``QuadraticProblem`` (docs/theory.md §1–3): θ* = 0, ``L_A(θ) = ½ θᵀFθ``, ``L_FT(θ) = gᵀθ + ½ θᵀHθ``.
 Its gradient-flow path and gradient-descent iterates are exact, through the eigendecomposition of
 H, so the t⁴ law can be checked to float64 precision.
 

@@ -1,8 +1,8 @@
 """What the theory predicts: exponents, coefficients, forecasts, crossover times, exact onset.
 
-Everything that tests, experiments and figures compare against lives here (THEORY.md §3), so
+Everything that tests, experiments and figures compare against lives here (docs/theory.md §3), so
 nobody retypes the 4. Formulas name the paper's result they come from (arXiv:2602.15799) or are
-marked *(ours)* when derived in THEORY.md.
+marked *(ours)* when derived in docs/theory.md.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ def onset_order(m: int) -> int:
     return 2 * m
 
 
-#: Predicted onset exponents of the ablation ladder (THEORY.md §3), by case name.
+#: Predicted onset exponents of the ablation ladder (docs/theory.md §3), by case name.
 LADDER = {
     "first_order_leak": onset_order(1),
     "quartic": onset_order(2),
@@ -81,7 +81,7 @@ def sgd_noise_crossover_time(lr, trace_f_sigma, gamma_fisher) -> jax.Array:
 
 
 # ----------------------------------------------------------------------------------------------
-# The second-order forecast (THEORY.md §3)
+# The second-order forecast (docs/theory.md §3)
 
 
 class Forecast(NamedTuple):
@@ -267,7 +267,7 @@ def sgd_noise_rate(lr, trace_f_sigma) -> jax.Array:
 
     The iterates' fluctuation ``e_k`` obeys ``e_{k+1} = (I − ηH) e_k − η ξ_k``, so
     ``Cov e_k = η² Σ_{j<k} (I − ηH)^j Σ (I − ηH)^j = η t Σ (1 + O(t λ_max(H)))`` with ``t = ηk``,
-    and ``E ½ eᵀFe = ½ tr(F Cov e_k)``. THEORY.md writes ``tr(FPΣP)``: that is the same number when
+    and ``E ½ eᵀFe = ½ tr(F Cov e_k)``. docs/theory.md writes ``tr(FPΣP)``: that is the same number when
     F has no mass outside M (F = PFP); with a Fisher tail the full ``tr(FΣ)`` is the correct one.
     """
     return 0.5 * jnp.asarray(lr) * jnp.asarray(trace_f_sigma)

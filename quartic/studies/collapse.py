@@ -5,7 +5,7 @@
 of a harm category (the refusal cross-entropy that alignment minimised, and the KL drift from θ*'s
 own answers, whose gradient at θ* is exactly zero and whose Hessian is exactly the true Fisher),
 the answer logits (for Fisher matrices), and each benign task's loss. The functions below measure,
-for one skill or one (skill, task) pair, what THEORY.md §3–4 predicts, in float64:
+for one skill or one (skill, task) pair, what docs/theory.md §3–4 predicts, in float64:
 
 - :func:`skill_curvature`: the true Fisher (dense, from batched products), its spectrum, and how
   the Gauss–Newton part of the refusal Hessian, the Hessians themselves, the Monte-Carlo Fisher and

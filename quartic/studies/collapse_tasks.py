@@ -7,7 +7,7 @@ For the experiments that run quartic's generic machinery (:mod:`quartic.studies.
   ``experiments/transformer_collapse.py`` builds it;
 - the alignment loss is the **KL drift** from θ*'s own answers on the harm category
   (``CollapseSetup.align_fns["kl"]``): ``Δu = L_A`` exactly, its gradient at θ* is exactly 0 and
-  its Hessian there is exactly the true Fisher (THEORY.md §3), so the AIC premise holds by
+  its Hessian there is exactly the true Fisher (docs/theory.md §3), so the AIC premise holds by
   construction and the exact Hessian of L_A is the alignment curvature;
 - the fine-tuning loss is one benign task's LM loss on its train batch.
 

@@ -693,7 +693,7 @@ def plain_leak_coefficient(problem, basis: jax.Array) -> jax.Array:
     """*(ours; curved family, Pg = 0, no Fisher tail)* plain fine-tuning's ``Δu ≈ c₄ t⁴``.
 
     ``r = Bᵀφ(δ) = Bᵀδ + Bᵀc ‖δ‖²`` with ``δ = −tg + (t²/2)Hg + O(t³)`` and ``Bᵀg = 0`` gives
-    ``r = t² Bᵀ(½ Hg + c ‖g‖²) + O(t³)``: ``c₄ = ½ ‖Λ^{1/2} Bᵀ(½ Hg + c‖g‖²)‖²`` (THEORY.md §3,
+    ``r = t² Bᵀ(½ Hg + c ‖g‖²) + O(t³)``: ``c₄ = ½ ‖Λ^{1/2} Bᵀ(½ Hg + c‖g‖²)‖²`` (docs/theory.md §3,
     ``c₄ = ½ vᵀFv`` with ``v = ½ Hg + ½ ∇²φ[g, g]``). The paper's γ_F²/8 is its ``c = 0`` part.
     """
     base = problem.base

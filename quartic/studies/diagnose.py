@@ -203,7 +203,7 @@ def diagnose(
     if horizon_t * report.lambda_max_ft > 0.1:
         notes.append(
             f"the horizon reaches t·λ_max(H) = {horizon_t * report.lambda_max_ft:.2g} > 0.1: "
-            "beyond it the second-order forecast is not expected to hold (THEORY.md §3)"
+            "beyond it the second-order forecast is not expected to hold (docs/theory.md §3)"
         )
     if lr * report.lambda_max_ft >= 2:
         notes.append(

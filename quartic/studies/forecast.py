@@ -4,7 +4,7 @@ Four predictions of the time ``t_c`` at which ``Δu(t) = L_A(θ(t)) − L_A(θ*)
 threshold along full-batch fine-tuning (gradient descent, step η, time ``t = ηk``):
 
 - **quartic** (Cor 6.3, reading (a)): ``γ_F² t⁴ / 8 = threshold`` from θ* quantities;
-- **second order** (THEORY.md §3, ours): the first root of ``theory.Forecast.gd`` at θ*;
+- **second order** (docs/theory.md §3, ours): the first root of ``theory.Forecast.gd`` at θ*;
 - **Taylor** (ours, optional): the exact Taylor polynomial ``Σ_{k≤K} c_k t^k`` of u(t) at θ*
   (:func:`quartic.core.theory.taylor_onset`), which keeps the alignment map's curvature that γ_F and
   the second-order forecast miss;
@@ -84,7 +84,7 @@ def peer_forecast(
     quantile of the top eigenvalues; the collapse step is the first step with
     ``estimate ≥ threshold``. Since γ̂ is already Fisher-weighted, multiplying by λ_min counts
     the Fisher twice: with ``ε̂ = 0`` the estimate is ``λ_min · γ_F² t⁴/8``, λ_min times the exact
-    leading term (THEORY.md §3). This is the peer's formula, not quartic's.
+    leading term (docs/theory.md §3). This is the peer's formula, not quartic's.
     """
     lam = peer_lambda_min(eigenvalues)
     eps, gamma = lr * eps_hat, lr**2 * gamma_hat

@@ -1,4 +1,4 @@
-"""The ablation ladder and the window where slope 4 is observable (THEORY.md §3).
+"""The ablation ladder and the window where slope 4 is observable (docs/theory.md §3).
 
 Breaking one AIC condition at a time moves the onset exponent of Δu(t) along the ladder of
 :func:`quartic.core.theory.onset_order`: a first-order leak (Pg ≠ 0) or Fisher mass outside M gives

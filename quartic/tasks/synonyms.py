@@ -1,7 +1,7 @@
 """A synthetic language with synonyms, and three binary "bias" tasks written in it.
 
 This is the small-scale world for the transfer-learning / adversarial-robustness protocol of
-THEORY.md §5 (Turbal et al., arXiv:2501.00066). Everything is generated from integer seeds with
+docs/theory.md §5 (Turbal et al., arXiv:2501.00066). Everything is generated from integer seeds with
 numpy, so a world is reproduced exactly from its config.
 
 Vocabulary (``V = 2 + n_stop + sum(cluster sizes)`` tokens, in this order):

@@ -525,7 +525,7 @@ def kl_to_reference(apply_fn, params, batch: Batch, ref_logits: jax.Array) -> ja
     positions; ``ref_logits [B, T, V]`` are a reference model's logits on ``batch["tokens"]``.
 
     Zero with zero gradient at the reference parameters, and its Hessian there is the Fisher of
-    the reference's answer distribution (THEORY.md, "an alignment loss with an exact premise").
+    the reference's answer distribution (docs/theory.md, "an alignment loss with an exact premise").
     """
     return kl_from_logits(_logits(apply_fn, params, batch), ref_logits, batch)
 
