@@ -130,7 +130,7 @@ class AICReport:
 
     @property
     def validity_horizon(self) -> float:
-        """``1 / λ_max(H_FT)``: the law is observed for ``t·λ_max(H) ≪ 1`` (THEORY.md §3)."""
+        """``1 / λ_max(H_FT)``: the law is observed for ``t·λ_max(H) ≪ 1`` (docs/theory.md §3)."""
         return 1.0 / self.lambda_max_ft if self.lambda_max_ft > 0 else math.inf
 
     def to_dict(self) -> dict:
