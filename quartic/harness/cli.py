@@ -18,8 +18,8 @@ input (an unknown experiment, a bad `--set`, a missing file) is reported as one 
 Experiment protocol
 -------------------
 Each experiment is one script `experiments/NAME.py` in the repository (one per figure or table of
-the papers). The command finds them in the repository's `experiments/` folder (next to the `quartic`
-package, so quartic must be installed from a checkout: `pip install -e .`; the environment variable
+the papers). The folder is installed with the package as `quartic.experiments` (by `pip install .`
+as by `pip install -e .`), where the command finds the scripts (the environment variable
 `QUARTIC_EXPERIMENTS_DIR` points elsewhere) and loads each by its file path. Names starting with
 `_` are hidden from `quartic list` and `quartic reproduce` but can be run by name. A script defines:
 
@@ -113,18 +113,23 @@ TABLE_COLUMNS = ("experiment", "quantity", "theory", "measured", "verdict")
 
 
 def experiments_dir() -> pathlib.Path:
-    """The folder of experiment scripts: `$QUARTIC_EXPERIMENTS_DIR`, else `<repo>/experiments`.
+    """The folder of experiment scripts: `$QUARTIC_EXPERIMENTS_DIR`, else the installed
+    `quartic.experiments` package (the repository's `experiments/`, installed under that name by
+    `pip install .` or `pip install -e .`).
 
     Raises QuarticError if it does not exist.
     """
     env = os.environ.get(EXPERIMENTS_ENV)
-    # This file is <repo>/quartic/harness/cli.py in an editable install; the scripts are <repo>/experiments.
-    repo = pathlib.Path(__file__).resolve().parents[2]
-    folder = pathlib.Path(env) if env else repo / "experiments"
+    if env:
+        folder = pathlib.Path(env)
+    else:
+        spec = importlib.util.find_spec("quartic.experiments")
+        locations = list(spec.submodule_search_locations or []) if spec else []
+        folder = pathlib.Path(locations[0]) if locations else pathlib.Path("experiments")
     if not folder.is_dir():
         raise QuarticError(
-            f"no experiments folder at {folder}: the experiments live in the repository, so "
-            f"install quartic from a checkout (pip install -e .) or set {EXPERIMENTS_ENV}"
+            f"no experiments folder at {folder}: reinstall quartic (pip install .) so that its "
+            f"experiments are installed with it, or set {EXPERIMENTS_ENV}"
         )
     return folder
 
