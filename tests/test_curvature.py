@@ -61,6 +61,11 @@ def test_parameter_subset_is_the_hessian_block(mlp):
     # the same subset by a path predicate
     fp, thp, _ = pytree.flat_fn(_mlp_loss, params, batch, where=lambda p, _: "w2" in str(p))
     np.testing.assert_allclose(curvature.dense_hessian(fp, thp), sub, rtol=1e-13, atol=1e-13)
+    # ... by its name, and by its key path
+    fn, thn, _ = pytree.flat_fn(_mlp_loss, params, batch, where=lambda name, _: name == "w2")
+    np.testing.assert_allclose(curvature.dense_hessian(fn, thn), sub, rtol=1e-13, atol=1e-13)
+    fk, thk, _ = pytree.flat_fn(_mlp_loss, params, batch, where=lambda n, _: n.path[0].key == "w2")
+    assert thk.shape == thn.shape == ths.shape
     with pytest.raises(QuarticError, match="empty"):
         pytree.flat_fn(_mlp_loss, params, batch, where=lambda p, _: False)
 

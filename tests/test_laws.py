@@ -157,6 +157,25 @@ def test_taylor_mode_onset_on_quadratics():
             hk = h @ hk
 
 
+def test_onset_order_does_not_change_with_the_expansion_order():
+    """A t⁴ onset with a small c₄ and H's spectrum spread over [1, 300]: at order 12 the
+    coefficients grow like λ_max(H)^k, and a zero test relative to the largest coefficient
+    calls c₄ zero (it finds 8); measured at the flow's time scale the answer stays 4."""
+    n = 20
+    h = jnp.diag(jnp.geomspace(1.0, 300.0, n)).at[0, n - 1].set(1e-3).at[n - 1, 0].set(1e-3)
+    f = jnp.zeros((n, n)).at[0, 0].set(1.0)
+    g = jnp.zeros(n).at[n - 1].set(1.0).at[1].set(1.0)
+    la, lf = (lambda th: 0.5 * th @ f @ th), (lambda th: g @ th + 0.5 * th @ h @ th)
+    c4 = theory.quartic_coefficient(jnp.sqrt(f[0, 0]) * (h @ g)[0])  # Pg = 0, M = e₁
+    for order in (6, 12):
+        onset = theory.taylor_onset(la, lf, jnp.zeros(n), order=order)
+        assert onset.onset() == (4, pytest.approx(float(c4), rel=1e-10)), order
+    c = np.abs(np.asarray(onset.coefficients))
+    assert c[3] < 1e-8 * c.max()  # the relative rule without the time scale would miss c₄
+    assert onset.onset(atol=1e-12) == (4, pytest.approx(float(c4), rel=1e-10))
+    assert onset.onset(atol=2 * c.max())[0] is None
+
+
 def test_curved_family_onset_window_and_exact_c4():
     spec = q.QuadraticSpec(n=20, d=3)
     prob, basis = q.make_curved(jax.random.PRNGKey(0), spec, curvature=1.0, quartic=0.5)

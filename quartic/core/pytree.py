@@ -25,6 +25,19 @@ def path_name(path) -> str:
     return "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
 
 
+class _KeyPathName(str):
+    """A leaf's name (``blocks/0/lora_a``, :func:`path_name`) that is also its key path: a
+    ``where`` predicate can test the name as a string (``"lora" in name``) or read ``.path``
+    (the ``jax.tree_util`` key path)."""
+
+    path: tuple
+
+    def __new__(cls, path):
+        obj = super().__new__(cls, path_name(path))
+        obj.path = tuple(path)
+        return obj
+
+
 def ravel(params: PyTree) -> tuple[jax.Array, Callable[[jax.Array], PyTree]]:
     """Flatten ``params`` to ``theta[n]``; returns ``(theta, unravel)``."""
     theta, unravel = ravel_pytree(params)
@@ -38,7 +51,7 @@ def _selection(params: PyTree, where) -> tuple[list, Any, list[bool]]:
     if where is None:
         keep = [True] * len(leaves)
     elif callable(where):
-        keep = [bool(where(path, leaf)) for path, leaf in leaves_with_path]
+        keep = [bool(where(_KeyPathName(path), leaf)) for path, leaf in leaves_with_path]
     else:
         mask_leaves, mask_def = jax.tree_util.tree_flatten(where)
         if mask_def != treedef:
@@ -57,8 +70,10 @@ def select(params: PyTree, where: PyTree | Callable[[tuple, Any], bool] | None):
     Args:
       params: any pytree of arrays.
       where: ``None`` (everything), a pytree of booleans with the structure of ``params`` (a
-        leaf-level mask), or a predicate ``where(path, leaf) -> bool`` on
-        ``jax.tree_util.tree_flatten_with_path`` paths (e.g. ``lambda p, _: "lora" in str(p)``).
+        leaf-level mask), or a predicate ``where(name, leaf) -> bool`` where ``name`` is the leaf's
+        name as a string (``"blocks/0/attn/q_proj/kernel"``, :func:`path_name`), so
+        ``lambda name, _: "lora" in name`` works; ``name.path`` is the ``jax.tree_util`` key path
+        for predicates written against key paths.
 
     Returns:
       ``(sub, merge)``: ``sub`` is a list of the selected leaves, ``merge(sub) -> params`` rebuilds

@@ -161,21 +161,45 @@ class TaylorOnset(NamedTuple):
     """Taylor expansion of ``u(t) = L_A(θ(t))`` along the gradient flow of L_FT from θ*.
 
     Attributes:
-      coefficients: ``[K]``, ``c_k = u^{(k)}(0) / k!`` for k = 1..K.
-      flow_derivatives: ``[K, n]``, ``θ^{(k)}(0)`` for k = 1..K (for a quadratic L_FT these are
-        ``(−1)^k H^{k−1} g``).
+      coefficients: ``[K]``, ``c_k = u^{(k)}(0) / k!`` for k = 1..K: the series' coefficients,
+        ``Δu(t) = Σ c_k t^k`` (so ``c₄ = γ_F²/8`` on a quadratic).
+      flow_derivatives: ``[K, n]``, the raw derivatives ``θ^{(k)}(0)`` for k = 1..K, *not* divided by
+        k! (for a quadratic L_FT these are ``(−1)^k H^{k−1} g``; δ(t)'s Taylor coefficients are
+        ``θ^{(k)}(0) / k!``).
     """
 
     coefficients: jax.Array
     flow_derivatives: jax.Array
 
-    def onset(self, rtol: float = 1e-8) -> tuple[int | None, float]:
-        """The true onset order (first coefficient not zero relative to the largest) and its value."""
-        c = np.asarray(self.coefficients)
-        scale = np.abs(c).max()
-        if scale == 0:
+    def time_scale(self) -> float:
+        """τ = ‖θ'(0)‖ / ‖θ''(0)‖ = ‖g‖ / ‖Hg‖: the flow's own time scale (1 when undefined)."""
+        d = np.asarray(self.flow_derivatives)
+        if d.ndim != 2 or d.shape[0] < 2:
+            return 1.0
+        n1, n2 = np.linalg.norm(d[0]), np.linalg.norm(d[1])
+        return float(n1 / n2) if n1 > 0 and n2 > 0 and np.isfinite(n1 / n2) else 1.0
+
+    def onset(self, rtol: float = 1e-8, atol: float | None = None) -> tuple[int | None, float]:
+        """The true onset order (the first coefficient that is not zero) and its value.
+
+        ``atol`` given: ``c_k`` is zero when ``|c_k| ≤ atol`` (an absolute scale the caller knows,
+        e.g. the rounding floor of :func:`quartic.studies.ladder.taylor_rounding_floor`).
+        Otherwise each term is measured at the flow's time scale τ (:meth:`time_scale`): ``c_k`` is
+        zero when ``|c_k| τ^k ≤ rtol · max_j |c_j| τ^j``. The terms ``c_k τ^k`` all have the units of
+        L_A and do not grow with k like ``λ_max(H)^k``, so raising the order of the expansion does
+        not turn a genuine low-order coefficient into "zero".
+        """
+        c = np.asarray(self.coefficients, dtype=float)
+        if atol is not None:
+            nz = np.nonzero(np.abs(c) > atol)[0]
+        else:
+            terms = np.abs(c) * self.time_scale() ** np.arange(1, c.shape[0] + 1)
+            scale = terms.max()
+            if scale == 0:
+                return None, 0.0
+            nz = np.nonzero(terms > rtol * scale)[0]
+        if nz.size == 0:
             return None, 0.0
-        nz = np.nonzero(np.abs(c) > rtol * scale)[0]
         return int(nz[0]) + 1, float(c[nz[0]])
 
 
