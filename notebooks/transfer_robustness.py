@@ -5,7 +5,8 @@
 # on a small *target* task either **directly** or **through a large source task** first, and finds
 # that transfer raises clean accuracy (OAcc) but also the success rate of a synonym-substitution
 # attack (ASR). quartic reproduces the protocol on its own transformers and a synthetic synonym
-# language (`quartic.studies.transfer`, `quartic.tasks.synonyms`, the A2T-style attack of `quartic.studies.attack`).
+# language (`quartic.studies.transfer`, `quartic.tasks.synonyms`, the A2T-style attack of
+# `quartic.studies.transfer.attack`).
 #
 # This notebook runs one cell of that protocol: a 7k-parameter decoder pretrained by next-token
 # prediction, the pair `hate > political`, 3 seeds, once with the **surface-form knob** on (the
@@ -32,8 +33,8 @@ import numpy as np
 
 from quartic.harness import plotting
 from quartic.studies import transfer as tr
-from quartic.studies.attack import AttackConfig, synonym_table
-from quartic.studies.robustness_metrics import robustness_metrics
+from quartic.studies.transfer.attack import AttackConfig, synonym_table
+from quartic.studies.transfer.robustness_metrics import robustness_metrics
 from quartic.tasks import synonyms as syn
 
 OUT = pathlib.Path(os.environ.get("QUARTIC_NOTEBOOK_OUT") or tempfile.mkdtemp(prefix="quartic_"))

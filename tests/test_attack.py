@@ -12,7 +12,7 @@ import pytest
 from flax import nnx
 
 from quartic.core.errors import QuarticError
-from quartic.studies.attack import (
+from quartic.studies.transfer.attack import (
     FAILED,
     SKIPPED,
     SUCCEEDED,
@@ -25,7 +25,7 @@ from quartic.studies.attack import (
     max_perturbed_words,
     synonym_table,
 )
-from quartic.studies.robustness_metrics import robustness_metrics
+from quartic.studies.transfer.robustness_metrics import robustness_metrics
 from quartic.tasks.synonyms import (
     LanguageConfig,
     TaskDataConfig,

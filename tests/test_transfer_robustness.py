@@ -1,5 +1,6 @@
-"""experiments/transfer_robustness.py and quartic.studies.transfer: a tiny end-to-end run, its summary,
-resume, bad configurations, and the model helpers (LoRA merge, body carry-over, synonym rewrite)."""
+"""quartic.studies.transfer and experiments/transfer_robustness.py: a tiny end-to-end run of the
+pipeline, its summary, resume, the experiment's table and figures, bad configurations, and the model
+helpers (LoRA merge, body carry-over, synonym rewrite, bag-of-words baseline)."""
 
 from __future__ import annotations
 
@@ -15,9 +16,11 @@ from quartic.harness import checkpoint
 from quartic.harness.cli import load_experiment
 from quartic.harness.runs import read_json
 from quartic.studies import transfer as tr
+from quartic.studies.transfer import baseline, models, pipeline, trainer
+from quartic.studies.transfer.summary import BRIDGE_QUANTITIES
 from quartic.tasks import synonyms as syn
 
-EXP = load_experiment("transfer_robustness")
+EXP = load_experiment("transfer_robustness")  # its table and figures
 
 
 def tiny_config(**overrides):
@@ -54,14 +57,14 @@ def tiny_config(**overrides):
         bridge_iters=4,
         bridge_examples=16,
     )
-    return EXP.Config(**{**base, **overrides})
+    return pipeline.StudyConfig(**{**base, **overrides})
 
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("transfer_robustness")
     config = tiny_config()
-    summary = EXP.run(config, out)
+    summary = pipeline.run(config, out)
     return config, out, summary
 
 
@@ -92,7 +95,7 @@ def test_tiny_run_produces_every_quantity(tiny_run):
     src = read_json(out / "units" / "source__surface__encoder__2k__full__hate.json")["result"]
     np.testing.assert_allclose(src["best_val_loss"], np.min(src["val_curve"], axis=1))
     bridge = summary["bridge"]["surface|encoder"]["per_pair"]["hate>political"]
-    for q in EXP.BRIDGE_QUANTITIES:
+    for q in BRIDGE_QUANTITIES:
         assert len(bridge[q]) == config.n_seeds and np.isfinite(bridge[q]).all()
     assert all(0 <= v <= 1 + 1e-5 for v in bridge["transfer"]["overlap"])
     assert checkpoint.exists(out / "cache" / "pretrained" / "encoder_2k")
@@ -110,14 +113,14 @@ def test_rerun_recomputes_nothing(tiny_run, tmp_path, monkeypatch):
     files = sorted((out / "units").glob("*.json")) + sorted((out / "cache").rglob("meta.json"))
     before = {p: p.stat().st_mtime_ns for p in files}
     calls = []
-    original = tr.fit
+    original = trainer.fit
 
     def counting_fit(*args, **kwargs):
         calls.append(args[0])
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(tr, "fit", counting_fit)
-    again = EXP.run(config, out)
+    monkeypatch.setattr(trainer, "fit", counting_fit)  # the module the pipeline calls through
+    again = pipeline.run(config, out)
     assert calls == []
     assert {p: p.stat().st_mtime_ns for p in files} == before
     assert again["cells"] == summary["cells"]
@@ -150,7 +153,7 @@ def test_bad_configurations_raise(overrides, message):
 def test_cue_set_outside_the_vocabulary_raises(tmp_path):
     config = tiny_config(cue_concepts=(0, 1, 2, 3, 4, 5, 6, 7, 99))
     with pytest.raises(QuarticError, match=r"outside the vocabulary"):
-        EXP.run(config, tmp_path)
+        pipeline.run(config, tmp_path)
     assert not (tmp_path / "units").exists()  # refused before any work
 
 
@@ -190,8 +193,8 @@ def test_lora_merge_and_body_carry(small_lang):
     )
     merged = tr.merge_lora(params)
     tokens = jnp.asarray(syn.pretrain_corpus(small_lang, 4, 10, 0))
-    call_lora = tr._model_fns(clf).call
-    call_plain = tr._model_fns(plain).call
+    call_lora = models._model_fns(clf).call
+    call_plain = models._model_fns(plain).call
     a = jax.jit(call_lora)(params, tokens)
     b = jax.jit(call_plain)(merged, tokens)
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5)
@@ -249,7 +252,7 @@ def test_bow_logistic_is_the_exact_penalised_optimum():
     assert fit.test_accuracy == 1.0 and fit.weights[5] == fit.weights.max()
     assert fit.weights[0] == 0.0  # PAD is not a word
 
-    x = jnp.asarray(tr._bow_features(split(0)["tokens"], vocab))
+    x = jnp.asarray(baseline._bow_features(split(0)["tokens"], vocab))
     y = jnp.asarray(split(0)["labels"], dtype=jnp.float64)
 
     def penalised(w):
@@ -269,7 +272,7 @@ def test_schedule_probe_reproduces_the_direct_arm_and_tries_others(tiny_run, tmp
     """The probe's copy of the run's own schedule gives the run's direct units bit for bit (same
     keys, same program); another schedule is a different fit; bad input is named."""
     config, out, _ = tiny_run
-    probe = load_experiment("_transfer_lr_probe")
+    probe = load_experiment("transfer_lr_probe")
     own = f"{config.lr:g}:{config.target_steps}:{config.batch_size}"
     pc = probe.Config(
         transfer_results=str(out), size="2k", archs=("encoder",), targets=("political",),
@@ -285,6 +288,10 @@ def test_schedule_probe_reproduces_the_direct_arm_and_tries_others(tiny_run, tmp
             "target_train"]["test_accuracy"], abs=1e-12
     )  # fmt: skip
     assert [r["verdict"] for r in probe.table(summary)][-1] == "yes"
+    # by default it probes the transfer_robustness run beside its own folder
+    assert probe.transfer_dir(probe.Config(), tmp_path / "quick" / "transfer_lr_probe") == (
+        tmp_path / "quick" / "transfer_robustness"
+    )
     with pytest.raises(QuarticError, match="is not lr:steps:batch"):
         probe.parse_schedule("3e-4/12")
     with pytest.raises(QuarticError, match="no transfer_robustness run at"):

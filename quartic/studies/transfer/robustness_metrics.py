@@ -1,4 +1,4 @@
-"""Robustness metrics of an attack, from its per-example results (THEORY.md §5).
+"""Robustness metrics of an attack, from its per-example results (docs/theory.md §5).
 
 With ``N`` examples of which ``S`` were successfully attacked, ``F`` resisted the attack and the
 rest were skipped (already misclassified):
@@ -24,7 +24,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from quartic.core.errors import QuarticError
-from quartic.studies.attack import FAILED, SKIPPED, SUCCEEDED, AttackResult
+from quartic.studies.transfer.attack import FAILED, SKIPPED, SUCCEEDED, AttackResult
 
 __all__ = ["RobustnessMetrics", "robustness_metrics"]
 

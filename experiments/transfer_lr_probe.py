@@ -8,7 +8,8 @@ size under other schedules ``lr:steps:batch`` (best checkpoint by validation los
 beside the linear baseline. The run's own schedule is included: it reproduces the run's direct
 units exactly (same keys, same program), which the probe checks.
 
-    python experiments/_transfer_lr_probe.py      # hidden; 6 min on 2 cores after the main run (--quick: 32 s)
+    quartic run transfer_lr_probe           # 6 min on 2 cores after the main run
+    quartic run transfer_lr_probe --quick   # 32 s after `quartic run transfer_robustness --quick`
     -> per architecture and schedule: clean accuracy and ASR (mean ± std over seeds of the mean
        over targets), the bag-of-words baseline, and whether the run's own schedule reproduced
 """
@@ -22,10 +23,11 @@ import sys
 import numpy as np
 
 from quartic.core.errors import QuarticError
+from quartic.core.measure import mean_std
 from quartic.harness import plotting
-from quartic.harness.cli import load_experiment
 from quartic.harness.config import config_from_dict
 from quartic.harness.runs import RunDir, read_json, run_sweep, write_json_atomic
+from quartic.studies.transfer import pipeline
 
 TITLE = "Probe: other fine-tuning schedules for transfer_robustness's direct arm"
 QUICK_SECONDS = 35.0  # measured 32 s on 2 cores (the main run's cache present)
@@ -33,7 +35,8 @@ QUICK_SECONDS = 35.0  # measured 32 s on 2 cores (the main run's cache present)
 
 @dataclasses.dataclass(frozen=True)
 class Config:
-    transfer_results: str = "results/transfer_robustness"  # a finished (or started) run
+    # a finished (or started) run; empty: the transfer_robustness folder beside this run's
+    transfer_results: str = ""
     size: str = "30k"
     archs: tuple[str, ...] = ("decoder", "encoder")
     targets: tuple[str, ...] = ("hate", "political", "gender")
@@ -56,22 +59,30 @@ def parse_schedule(text: str) -> tuple[float, int, int]:
     return out
 
 
-def transfer_config(config: Config):
-    """The ``transfer_robustness`` module and the Config of the run at ``transfer_results``."""
-    exp = load_experiment("transfer_robustness")
-    path = RunDir(config.transfer_results).config_path
+def transfer_dir(config: Config, out_dir: pathlib.Path) -> pathlib.Path:
+    """The run probed: ``transfer_results``, or the ``transfer_robustness`` folder beside
+    ``out_dir`` (``results/transfer_robustness`` for ``results/transfer_lr_probe``, and the same
+    under ``results/quick`` or a ``reproduce --out`` root)."""
+    if config.transfer_results:
+        return pathlib.Path(config.transfer_results)
+    return pathlib.Path(out_dir).parent / "transfer_robustness"
+
+
+def transfer_config(config: Config, run_dir: pathlib.Path) -> pipeline.StudyConfig:
+    """The config of the ``transfer_robustness`` run at ``run_dir``."""
+    path = RunDir(run_dir).config_path
     if not path.exists():
         raise QuarticError(
-            f"no transfer_robustness run at {config.transfer_results} (no config.json); run "
+            f"no transfer_robustness run at {run_dir} (no config.json); run "
             "`quartic run transfer_robustness` first or set transfer_results"
         )
-    tconfig = config_from_dict(exp.Config, read_json(path))
+    tconfig = config_from_dict(pipeline.StudyConfig, read_json(path))
     if config.size not in tconfig.sizes:
         raise QuarticError(f"size {config.size!r} is not in that run's sizes {tconfig.sizes}")
     for t in config.targets:
         if t not in {t for _, t in tconfig.pair_list()}:
             raise QuarticError(f"target {t!r} is not a target of that run")
-    return exp, tconfig
+    return tconfig
 
 
 def _unit_name(arch: str, target: str, schedule: str) -> str:
@@ -82,14 +93,14 @@ def run(config: Config, out_dir: pathlib.Path) -> dict:
     out_dir = pathlib.Path(out_dir)
     RunDir(out_dir).write_config(config)
     schedules = {s: parse_schedule(s) for s in config.schedules}
-    exp, tconfig = transfer_config(config)
+    cache = transfer_dir(config, out_dir)
+    tconfig = transfer_config(config, cache)
     setting = tconfig.settings[0]  # the direct arm is shared by the settings; it uses the first
-    cache = pathlib.Path(config.transfer_results)
 
     def unit(arch, target, schedule):
         lr, steps, batch = schedules[schedule]
         probe = dataclasses.replace(tconfig, lr=lr, target_steps=steps, batch_size=batch)
-        rec = exp.target_unit(probe, cache, setting, config.size, arch, "full", target)
+        rec = pipeline.target_unit(probe, cache, setting, config.size, arch, "full", target)
         return {"arch": arch, "target": target, "schedule": schedule, "per_seed": rec["per_seed"]}
 
     units = [
@@ -99,18 +110,18 @@ def run(config: Config, out_dir: pathlib.Path) -> dict:
         for s in config.schedules
     ]
     units += [
-        (f"baseline__{t}", lambda t=t: exp.baseline_unit(tconfig, setting, t))
+        (f"baseline__{t}", lambda t=t: pipeline.baseline_unit(tconfig, setting, t))
         for t in config.targets
     ]
-    res = run_sweep(units, out_dir, desc="_transfer_lr_probe").results
-    summary = summarise(config, exp, tconfig, res)
+    res = run_sweep(units, out_dir, desc="transfer_lr_probe").results
+    summary = summarise(config, cache, tconfig, res)
     write_json_atomic(out_dir / "summary.json", summary)
     return summary
 
 
-def summarise(config: Config, exp, tconfig, res: dict) -> dict:
+def summarise(config: Config, run_dir: pathlib.Path, tconfig, res: dict) -> dict:
     budget = tconfig.budget_names()[0]
-    run_units = RunDir(config.transfer_results).done_results()
+    run_units = RunDir(run_dir).done_results()
     own = f"{tconfig.lr:g}:{tconfig.target_steps}:{tconfig.batch_size}"
     cells, reproduced = {}, []
     for arch in config.archs:
@@ -129,8 +140,8 @@ def summarise(config: Config, exp, tconfig, res: dict) -> dict:
             )
             best = [s["best_step"] for r in recs for s in r["per_seed"]]
             cells[f"{arch}|{schedule}"] = {
-                "arch": arch, "schedule": schedule, "oacc": exp._mean_std(100 * acc),
-                "asr": exp._mean_std(100 * asr), "best_step": best,
+                "arch": arch, "schedule": schedule, "oacc": mean_std(100 * acc),
+                "asr": mean_std(100 * asr), "best_step": best,
                 "best_at_end": float(np.mean(np.asarray(best) == parsed[1])),
             }  # fmt: skip
             if parsed == (tconfig.lr, tconfig.target_steps, tconfig.batch_size):
@@ -161,7 +172,7 @@ def table(summary: dict) -> list[dict]:
     for c in summary["cells"].values():
         rows.append(
             dict(
-                experiment="_transfer_lr_probe",
+                experiment="transfer_lr_probe",
                 quantity=(
                     f"direct {c['arch']} {summary['size']}, schedule {c['schedule']} "
                     f"(lr:steps:batch): OAcc / ASR@{summary['budget']} (%)"
@@ -178,7 +189,7 @@ def table(summary: dict) -> list[dict]:
         )
     rows.append(
         dict(
-            experiment="_transfer_lr_probe",
+            experiment="transfer_lr_probe",
             quantity=f"the run's own schedule {summary['run_schedule']} reproduces its direct units",
             theory="identical",
             measured=f"{summary['n_compared']} units compared",
@@ -215,4 +226,4 @@ def plot(out_dir: pathlib.Path, fig_dir: pathlib.Path) -> list[pathlib.Path]:
 if __name__ == "__main__":
     from quartic.harness.cli import main
 
-    raise SystemExit(main(["run", "_transfer_lr_probe", *sys.argv[1:]]))
+    raise SystemExit(main(["run", "transfer_lr_probe", *sys.argv[1:]]))

@@ -1,6 +1,6 @@
 """A2T-style synonym-substitution attack, batched and jit-compatible.
 
-The attack of THEORY.md §5 (Yoo & Qi 2021, "A2T", as used by Turbal et al., arXiv:2501.00066):
+The attack of docs/theory.md §5 (Yoo & Qi 2021, "A2T", as used by Turbal et al., arXiv:2501.00066):
 
 1. **Rank positions** by the gradient norm ``||dL/de_t||_2`` of the cross-entropy of the true
    label with respect to each token embedding ``e_t`` (one backward pass per example). Only

@@ -1,0 +1,63 @@
+"""The A2T attack (:mod:`quartic.studies.transfer.attack`) on ``M`` stacked classifiers of the
+transfer study at once, and when a finite query budget is the unlimited one."""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import numpy as np
+
+from quartic.core.errors import QuarticError
+from quartic.models.transformer import TransformerConfig
+from quartic.studies.transfer.attack import (
+    AttackConfig,
+    AttackResult,
+    SynonymTable,
+    attack_dataset,
+    greedy_attack,
+)
+from quartic.studies.transfer.models import _model_fns
+
+__all__ = ["attack_models", "budget_is_unlimited"]
+
+
+@functools.cache
+def _attack_program(cfg: TransformerConfig, config: AttackConfig):
+    fns = _model_fns(cfg)
+
+    def logits_fn(params, emb, tokens):
+        return fns.from_embeddings(params, emb, tokens != cfg.pad_id)
+
+    def one(params, tokens, labels, table):
+        return greedy_attack(
+            params, tokens, labels, table, embed_fn=fns.embed, logits_fn=logits_fn, config=config
+        )
+
+    # Examples first (out_axes=1), so attack_dataset's chunking along axis 0 applies unchanged.
+    return jax.jit(jax.vmap(one, in_axes=(0, None, None, None), out_axes=1))
+
+
+def attack_models(
+    cfg: TransformerConfig,
+    params: dict,
+    batch: dict,
+    table: SynonymTable,
+    config: AttackConfig,
+    batch_size: int = 256,
+) -> list[AttackResult]:
+    """Attack every example of ``batch`` against each of the ``M`` stacked classifiers
+    ``params``; one :class:`~quartic.studies.attack.AttackResult` (numpy) per model."""
+    if cfg.lora_rank:
+        raise QuarticError("attack the merged model: merge_lora(params) with lora_rank=0")
+    program = _attack_program(cfg, config)
+    res = attack_dataset(program, params, batch, table, batch_size=batch_size)
+    m = res.status.shape[1]
+    return [AttackResult(*(np.asarray(f)[:, i] for f in res)) for i in range(m)]
+
+
+def budget_is_unlimited(query_budget: int | None, seq_len: int, n_candidates: int) -> bool:
+    """Whether a budget can never bind: an example visits each of its at most ``seq_len``
+    positions once with at most ``n_candidates`` candidates, so a budget of ``seq_len *
+    n_candidates`` or more gives exactly the unlimited attack."""
+    return query_budget is None or query_budget >= seq_len * n_candidates
