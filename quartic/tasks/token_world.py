@@ -124,15 +124,17 @@ class WorldConfig:
 
     def __post_init__(self):
         if self.seq_len < 12:
-            raise ValueError(f"seq_len must be >= 12 for the task formats, got {self.seq_len}")
+            raise QuarticError(f"seq_len={self.seq_len}: must be >= 12 to hold the task formats")
         if not 2 <= self.modulus <= self.n_content:
-            raise ValueError(
-                f"need 2 <= modulus <= n_content, got {self.modulus}, {self.n_content}"
+            raise QuarticError(
+                f"modulus={self.modulus}, n_content={self.n_content}: need 2 <= modulus <= n_content"
             )
         if self.n_content < 8:
-            raise ValueError(f"n_content must be >= 8, got {self.n_content}")
+            raise QuarticError(f"n_content={self.n_content}: must be >= 8")
         if self.n_categories < 1 or self.triggers_per_category < 1:
-            raise ValueError("need at least one harm category and one trigger per category")
+            raise QuarticError(
+                "need at least one harm category and one trigger per category (both >= 1)"
+            )
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), sort_keys=True)
@@ -283,7 +285,9 @@ class TokenWorld:
             ans = [REFUSE] if refuse else [*answer, EOS]
             s = [*prompt, *ans]
             if len(s) > t + 1:
-                raise ValueError(f"sequence of length {len(s)} does not fit seq_len={t}")
+                raise QuarticError(
+                    f"a sequence of length {len(s)} does not fit seq_len={t}; raise seq_len"
+                )
             seqs[i, : len(s)] = s
             start = len(prompt) - 1  # the position whose target is the first answer token
             mask[i, start : start + len(ans)] = 1.0
@@ -292,7 +296,7 @@ class TokenWorld:
     def task(self, name: str, split: str = "train") -> Batch:
         """A benign task (one of ``BENIGN_TASKS``) or ``"text"``, ``split`` in train/heldout."""
         if name not in self._benign:
-            raise ValueError(f"unknown task {name!r}; choose one of {sorted(self._benign)}")
+            raise QuarticError(f"unknown task {name!r}; choose one of {sorted(self._benign)}")
         return self._batch(self._benign[name][_check_split(split)])
 
     def skill(self, category: int | None = None, split: str = "train") -> Batch:
@@ -332,13 +336,13 @@ class TokenWorld:
         cats = self.categories if category is None else (category,)
         for k in cats:
             if k not in self._harmful:
-                raise ValueError(f"unknown harm category {k}; have {list(self.categories)}")
+                raise QuarticError(f"unknown harm category {k}; have {list(self.categories)}")
         return [ex for k in cats for ex in self._harmful[k][split]]
 
 
 def _check_split(split: str) -> str:
     if split not in ("train", "heldout"):
-        raise ValueError(f"split must be 'train' or 'heldout', got {split!r}")
+        raise QuarticError(f"split must be 'train' or 'heldout', got {split!r}")
     return split
 
 
@@ -455,7 +459,7 @@ def _checked_array(a, name, path, row_shape, vocab_size):
 def _logits(apply_fn, params, batch: Batch) -> jax.Array:
     logits = apply_fn(params, jnp.asarray(batch["tokens"]))
     if logits.ndim != 3:
-        raise ValueError(f"expected LM logits [batch, seq, vocab], got shape {logits.shape}")
+        raise QuarticError(f"expected LM logits [batch, seq, vocab], got shape {logits.shape}")
     return logits
 
 
