@@ -1,6 +1,7 @@
 """Forecasts of the threshold crossing: the peer's formula as published, the quartic time on an
 exact quadratic, monitoring on a rotating curved problem, the generic entry point, the experiment."""
 
+import json
 import math
 import pathlib
 
@@ -37,7 +38,6 @@ def test_peer_formula_counts_the_fisher_twice():
     assert gamma_hat == pytest.approx(_gamma_f(prob, basis), rel=1e-12)
     assert eps_hat < 1e-14
     lam_q = fc.peer_lambda_min(eig)
-    assert lam_q == pytest.approx(float(np.quantile(eig, 0.1)))
     lr, thr = 1e-3, 1e-9
     peer = fc.peer_forecast(gamma_hat, eps_hat, eig, lr, thr, max_steps=100_000)
     t = peer.steps * lr
@@ -55,6 +55,26 @@ def test_peer_formula_counts_the_fisher_twice():
     # with ε > 0 the drift is clipped to zero until t = 2ε/γ
     est = fc.peer_estimate(np.array([0.5, 1.5]), gamma_fisher=1.0, eps_fisher=0.5, lambda_min=2.0)
     np.testing.assert_allclose(est, [0.0, 0.5 * 2.0 * (0.5 * 1.5**2 - 0.75) ** 2])
+
+
+def test_peer_formula_matches_the_published_package():
+    """λ_min, drift, estimate and collapse step equal alignment-risk 1.14.1's own output, computed
+    once with the package (command in the fixture), on four inputs incl. a negative eigenvalue."""
+    fixture = json.loads(
+        (pathlib.Path(__file__).parent / "data" / "peer_forecast.json").read_text()
+    )
+    assert "alignment-risk 1.14.1" in fixture["made_by"]
+    for case in fixture["cases"]:
+        lam = fc.peer_lambda_min(case["eigenvalues"])
+        assert lam == case["lambda_min"]  # the quantile's "lower" rule: an eigenvalue, exactly
+        peer = fc.peer_forecast(
+            case["gamma_hat"], case["eps_hat"], case["eigenvalues"], case["lr"],
+            case["threshold"], max_steps=case["max_steps"],
+        )  # fmt: skip
+        assert peer.collapse_step == case["collapse_step"]
+        k = case["probe_steps"]
+        np.testing.assert_allclose(peer.estimate[k], case["estimate"], rtol=1e-12, atol=0)
+        np.testing.assert_allclose(peer.drift[k], case["drift"], rtol=1e-12, atol=0)
 
 
 def test_quartic_time_error_vanishes_as_threshold_goes_to_zero():
