@@ -53,8 +53,13 @@ class PeerForecast(NamedTuple):
 
 
 def peer_lambda_min(eigenvalues) -> float:
-    """alignment-risk's ``λ_min = quantile_0.1(max(λ_i, 0))`` over the top-d eigenvalues."""
-    return float(np.quantile(np.maximum(np.asarray(eigenvalues, float), 0.0), PEER_QUANTILE))
+    """alignment-risk's ``λ_min = quantile_0.1(max(λ_i, 0))`` over the top-d eigenvalues, with its
+    ``interpolation="lower"`` (the largest eigenvalue at or below the quantile; pinned to the
+    package by ``tests/data/peer_forecast.json``)."""
+    values = np.maximum(np.asarray(eigenvalues, float), 0.0)
+    if values.size == 0:
+        return 0.0
+    return float(np.quantile(values, PEER_QUANTILE, method="lower"))
 
 
 def peer_inputs(eigenvalues, basis, g, hg) -> tuple[float, float]:
