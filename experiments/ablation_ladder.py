@@ -31,6 +31,7 @@ from jax.experimental import jet
 
 from quartic.core import dynamics, fitting, measure, theory
 from quartic.core.problems import QuadraticSpec, make_curved, make_quadratic
+from quartic.core.subspace import lambda_max
 from quartic.harness import plotting
 from quartic.harness.runs import RunDir, run_sweep, write_json_atomic, write_jsonl_atomic
 from quartic.studies import ladder
@@ -185,7 +186,7 @@ def ladder_curved(config: Config) -> dict:
     rungs = {}
     for name, ladder_onset, _ in ladder.RUNGS:
         prob, _ = make_curved(key, specs[name], config.curvature, config.quartic)
-        lam = float(jnp.linalg.eigvalsh(prob.base.ft_hessian)[-1])
+        lam = float(lambda_max(prob.base.ft_hessian, method="dense").value)
         t = x / lam
         traj, onset = _curved_rung(prob, t)
         du = np.asarray(traj.checked().observables["delta_u"])

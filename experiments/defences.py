@@ -35,6 +35,7 @@ import numpy as np
 
 import quartic as q
 from quartic.core import curvature, dynamics, theory
+from quartic.core.subspace import lambda_max
 from quartic.harness import plotting
 from quartic.harness.runs import RunDir, read_json, run_sweep, write_json_atomic
 from quartic.studies import collapse, collapse_tasks
@@ -459,8 +460,7 @@ def _tx_lora_lambda_fn(config: Config):
 
     def top(batch):
         mv = curvature.hvp_fn(lambda p: setup.lm_fn(theta_of(p), batch), phi0)
-        _, w = D.top_subspace(mv, jnp.ones_like(phi0), 1, collapse_tasks.LAMBDA_ITERS)
-        return w[0]
+        return lambda_max(mv, v0=jnp.ones_like(phi0), num_iters=collapse_tasks.LAMBDA_ITERS).value
 
     return jax.jit(top)
 

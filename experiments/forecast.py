@@ -34,6 +34,7 @@ from matplotlib.ticker import NullFormatter
 
 import quartic as q
 from quartic.core import theory
+from quartic.core.subspace import lambda_max
 from quartic.harness import plotting
 from quartic.harness.runs import RunDir, run_sweep, write_json_atomic
 from quartic.studies import collapse, collapse_tasks
@@ -149,7 +150,7 @@ def _simulate_fn(rank: int, num_checks: int, check_every: int, taylor_order: int
 
 @cache
 def _lambda_max_fn():
-    return jax.jit(jax.vmap(lambda p: jnp.linalg.eigvalsh(p.base.ft_hessian)[-1]))
+    return jax.jit(jax.vmap(lambda p: lambda_max(p.base.ft_hessian, method="dense").value))
 
 
 def _key(config: Config, *path: int):

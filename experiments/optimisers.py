@@ -37,6 +37,7 @@ import optax
 from quartic.core import dynamics, fitting, measure, theory
 from quartic.core.errors import DivergenceError, QuarticError
 from quartic.core.problems import QuadraticProblem, QuadraticSpec, make_quadratic
+from quartic.core.subspace import lambda_max
 from quartic.harness import plotting
 from quartic.harness.runs import RunDir, run_sweep, write_json_atomic, write_jsonl_atomic
 
@@ -106,7 +107,7 @@ def _gamma_fisher(prob: QuadraticProblem) -> float:
 
 
 def _lam_max(prob: QuadraticProblem) -> float:
-    return float(jnp.linalg.eigvalsh(prob.ft_hessian)[-1])
+    return float(lambda_max(prob.ft_hessian, method="dense").value)
 
 
 def _observer(prob):

@@ -26,6 +26,7 @@ import numpy as np
 from quartic.core import curvature, pytree, theory
 from quartic.core.errors import QuarticError
 from quartic.core.measure import fisher_weighted
+from quartic.core.subspace import lambda_max
 
 
 @dataclass(frozen=True)
@@ -290,10 +291,8 @@ def _measure_fn(
             )
             out.update(trace=est.value, tail=est.value - jnp.sum(top), tail_se=est.stderr)
             out.update(eigenvalues=top, residuals=res.top.residuals)
-        lam_ft = curvature.lanczos_eigh(
-            h_ft, n, 1, 0, num_iters=min(n, LAMBDA_MAX_ITERS), key=key, dtype=theta.dtype
-        ).top
-        out["lam_max_ft"], out["lam_max_ft_residual"] = lam_ft.values[0], lam_ft.residuals[0]
+        lam_ft = lambda_max(h_ft, n, num_iters=LAMBDA_MAX_ITERS, key=key, dtype=theta.dtype)
+        out["lam_max_ft"], out["lam_max_ft_residual"] = lam_ft.value, lam_ft.residual
         coords_hg = basis.T @ hg
         out.update(
             top=top,

@@ -21,9 +21,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from quartic.core import curvature
+from quartic.core import curvature, subspace
 from quartic.studies import collapse
-from quartic.studies import defences as D
 
 #: Lanczos steps for λ_max(H_FT) at θ* (the top eigenvalue of a 2k-parameter LM Hessian converges
 #: to float64 precision well within this).
@@ -32,8 +31,8 @@ LAMBDA_ITERS = 30
 
 def losses(
     setup: collapse.CollapseSetup, theta_star: jax.Array, batch: dict, kl_data: dict
-) -> D.Losses:
-    """The flat pair (KL drift on the skill, LM loss on ``batch``) as :class:`quartic.studies.defences.Losses`,
+) -> subspace.Losses:
+    """The flat pair (KL drift on the skill, LM loss on ``batch``) as :class:`quartic.core.subspace.Losses`,
     closing over *traced* data: call it inside the jitted function that receives ``batch`` and
     ``kl_data`` (``setup.align_data["kl"]``) as arguments. ``delta_u_fn`` is the KL itself."""
     kl_fn, lm_fn = setup.align_fns["kl"], setup.lm_fn
@@ -41,7 +40,7 @@ def losses(
     def align(th):
         return kl_fn(th, kl_data)
 
-    return D.Losses(align, lambda th: lm_fn(th, batch), theta_star, delta_u_fn=align)
+    return subspace.Losses(align, lambda th: lm_fn(th, batch), theta_star, delta_u_fn=align)
 
 
 def lambda_max_ft(setup: collapse.CollapseSetup, batch: dict, theta=None) -> float:
@@ -53,8 +52,7 @@ def lambda_max_ft(setup: collapse.CollapseSetup, batch: dict, theta=None) -> flo
 
         def top(th, b):
             mv = curvature.hvp_fn(lambda x: lm_fn(x, b), th)
-            _, w = D.top_subspace(mv, jnp.ones_like(th), 1, LAMBDA_ITERS)
-            return w[0]
+            return subspace.lambda_max(mv, v0=jnp.ones_like(th), num_iters=LAMBDA_ITERS).value
 
         setup._compiled[key] = jax.jit(top)
     th = setup.theta if theta is None else theta

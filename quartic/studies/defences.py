@@ -48,45 +48,15 @@ from jax import lax
 
 from quartic.core import curvature, fitting, measure
 from quartic.core.errors import DivergenceError, QuarticError
+from quartic.core.subspace import (
+    Losses,
+    cold_v0,
+    default_num_iters,
+    sensitive_subspace,
+    top_subspace,
+)
 
 Matvec = Callable[[jax.Array], jax.Array]
-
-
-class Losses(NamedTuple):
-    """The two flat losses and θ*.
-
-    Attributes:
-      align_loss_fn: ``L_A(θ[n]) -> scalar``.
-      ft_loss_fn: ``L_FT(θ[n]) -> scalar``.
-      theta_star: θ* ``[n]``.
-      align_hvp_fn: ``θ -> (v -> F(θ) v)``, the alignment curvature as a matvec at θ (default:
-        the exact Hessian of ``align_loss_fn``, :func:`quartic.core.curvature.hvp_fn`).
-      delta_u_fn: ``θ -> Δu`` (default ``L_A(θ) − L_A(θ*)``).
-    """
-
-    align_loss_fn: Callable[[jax.Array], jax.Array]
-    ft_loss_fn: Callable[[jax.Array], jax.Array]
-    theta_star: jax.Array
-    align_hvp_fn: Callable[[jax.Array], Matvec] | None = None
-    delta_u_fn: Callable[[jax.Array], jax.Array] | None = None
-
-    def align_matvec(self, theta: jax.Array) -> Matvec:
-        if self.align_hvp_fn is not None:
-            return self.align_hvp_fn(theta)
-        return curvature.hvp_fn(self.align_loss_fn, theta)
-
-    def delta_u(self, theta: jax.Array) -> jax.Array:
-        if self.delta_u_fn is not None:
-            return self.delta_u_fn(theta)
-        return self.align_loss_fn(theta) - self.align_loss_fn(self.theta_star)
-
-    @classmethod
-    def of(cls, problem, **kw) -> Losses:
-        """From a :class:`~quartic.QuadraticProblem` or :class:`~quartic.CurvedProblem`."""
-        du = getattr(problem, "delta_u", None)
-        if du is not None and "delta_u_fn" not in kw:
-            kw["delta_u_fn"] = lambda th: du(th - problem.theta_star)
-        return cls(problem.align_loss_fn, problem.ft_loss_fn, problem.theta_star, **kw)
 
 
 class DefenceState(NamedTuple):
@@ -113,47 +83,6 @@ class Cost(NamedTuple):
 
 # ----------------------------------------------------------------------------------------------
 # The sensitive subspace
-
-
-def default_num_iters(n: int, rank: int) -> int:
-    """Krylov dimension for a cold estimate of M: ``min(n, 3·rank + 10)``."""
-    return min(n, 3 * rank + 10)
-
-
-def top_subspace(
-    matvec: Matvec, v0: jax.Array, rank: int, num_iters: int
-) -> tuple[jax.Array, jax.Array]:
-    """Top-``rank`` eigenpairs of a symmetric operator by ``num_iters`` Lanczos steps from ``v0``.
-
-    Full reorthogonalisation (:func:`quartic.core.curvature.lanczos_tridiag`), Rayleigh–Ritz on the
-    Krylov space; costs exactly ``num_iters`` matvecs (no residual check). Returns
-    ``(basis [n, rank], values [rank])``, values descending.
-    """
-    if not rank <= num_iters <= v0.shape[0]:
-        raise QuarticError(
-            f"num_iters must satisfy rank={rank} <= num_iters <= n={v0.shape[0]}, got {num_iters}"
-        )
-    tri = curvature.lanczos_tridiag(matvec, v0, num_iters)
-    t = jnp.diag(tri.alpha) + jnp.diag(tri.beta, 1) + jnp.diag(tri.beta, -1)
-    w, s = jnp.linalg.eigh(t)
-    s_top = s[:, ::-1][:, :rank]
-    basis = tri.basis.T @ s_top
-    basis = basis / jnp.linalg.norm(basis, axis=0, keepdims=True)
-    return basis, w[::-1][:rank]
-
-
-def _cold_v0(theta: jax.Array, seed: int) -> jax.Array:
-    return jax.random.normal(jax.random.PRNGKey(seed), theta.shape, theta.dtype)
-
-
-def sensitive_subspace(
-    losses: Losses, rank: int, num_iters: int | None = None, seed: int = 0, theta=None
-) -> tuple[jax.Array, jax.Array]:
-    """M(θ) (default θ = θ*): ``(basis [n, rank], values [rank])`` by cold Lanczos on the
-    alignment curvature, ``num_iters`` HVPs (default :func:`default_num_iters`)."""
-    th = losses.theta_star if theta is None else theta
-    m = num_iters or default_num_iters(th.shape[0], rank)
-    return top_subspace(losses.align_matvec(th), _cold_v0(th, seed), rank, m)
 
 
 def _project_out(basis: jax.Array, v: jax.Array) -> jax.Array:
@@ -292,7 +221,7 @@ class PeriodicProjection(_WithSubspace):
 
         def refresh(_):
             return top_subspace(
-                losses.align_matvec(th), _cold_v0(th, self.seed), rank, self._iters(n, rank)
+                losses.align_matvec(th), cold_v0(th, self.seed), rank, self._iters(n, rank)
             )
 
         due = (state.step % self.every == 0) & (state.step > 0)

@@ -31,9 +31,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from quartic.core import aic, curvature, measure, theory
+from quartic.core import aic, curvature, measure, subspace, theory
 from quartic.core.errors import QuarticError
-from quartic.studies import defences
 
 # ----------------------------------------------------------------------------------------------
 # The peer's published formula (baseline; not ours)
@@ -175,7 +174,7 @@ def diagnose_dense(
         measure.fisher_norm(lam, basis, hg),
         measure.fisher_norm(lam, basis, g),
         jnp.linalg.norm(basis.T @ g),
-        jnp.linalg.eigvalsh(curvature.symmetrize(h_ft))[-1],
+        subspace.lambda_max(curvature.symmetrize(h_ft), method="dense").value,
     )
 
 
@@ -189,10 +188,10 @@ def diagnose_lanczos(
 ) -> Diagnosis:
     """:class:`Diagnosis` at θ by Lanczos on the exact Hessian of L_A (any n; jit-compatible):
     M and its eigenvalues from ``num_iters`` HVPs (default ``min(n, 3·rank + 10)``, cold start,
-    :func:`quartic.studies.defences.sensitive_subspace`), plus the 3 HVPs of the forecast. ``lambda_max_ft``
+    :func:`quartic.core.subspace.sensitive_subspace`), plus the 3 HVPs of the forecast. ``lambda_max_ft``
     is passed in (the caller needs it first, for the step size)."""
-    losses = defences.Losses(align_loss_fn, ft_loss_fn, theta)
-    basis, lam = defences.sensitive_subspace(losses, rank, num_iters, theta=theta)
+    losses = subspace.Losses(align_loss_fn, ft_loss_fn, theta)
+    basis, lam = subspace.sensitive_subspace(losses, rank, num_iters, theta=theta)
     g = jax.grad(ft_loss_fn)(theta)
     grad_a = jax.grad(align_loss_fn)(theta)
     hg = curvature.hvp(ft_loss_fn, theta, g)

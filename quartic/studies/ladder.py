@@ -31,6 +31,7 @@ import numpy as np
 from quartic.core import fitting, theory
 from quartic.core.errors import QuarticError
 from quartic.core.problems import QuadraticProblem, QuadraticSpec
+from quartic.core.subspace import lambda_max
 
 #: The rungs of the ladder measured here, in order: (name, onset exponent, exponent after t×).
 #: ``None`` for the onset means Δu ≡ 0; ``None`` after t× means no second regime.
@@ -268,7 +269,7 @@ def quadratic_curves(prob: QuadraticProblem, x: jax.Array, order: int):
 
     Returns ``(t [T], Δu [T], TaylorOnset, λ_max, t×)``.
     """
-    lam = jnp.linalg.eigvalsh(prob.ft_hessian)[-1]
+    lam = lambda_max(prob.ft_hessian, method="dense").value
     t = x / lam
     du = prob.delta_u(prob.flow(t))
     return t, du, quadratic_taylor(prob, order), lam, crossover_time(prob)

@@ -17,6 +17,7 @@ import numpy as np
 
 from quartic.core import aic, dynamics, fitting, measure, theory
 from quartic.core.problems import CurvedProblem, QuadraticProblem
+from quartic.core.subspace import lambda_max
 
 
 def _tolist(tree):
@@ -47,7 +48,7 @@ def _quadratic_arrays(prob: QuadraticProblem, ts, steps, lr, rank: int):
         "gd_exact": gd_exact,
         "s1": theory.next_order_slope(a, b),
         "s2": theory.next_order_curvature(a, b, c),
-        "lambda_max_ft": jnp.linalg.eigvalsh(prob.ft_hessian)[-1],
+        "lambda_max_ft": lambda_max(prob.ft_hessian, method="dense").value,
     }
 
 
@@ -122,7 +123,7 @@ def measure_quadratic(
 
 def measure_ladder(prob: QuadraticProblem, case: str, t_lambda=(1e-5, 1e-3), num=20) -> dict:
     """One rung of the onset ladder: the measured exponent next to ``theory.LADDER[case]``."""
-    lam = float(jnp.linalg.eigvalsh(prob.ft_hessian)[-1])
+    lam = float(lambda_max(prob.ft_hessian, method="dense").value)
     ts = dynamics.log_times(t_lambda[0] / lam, t_lambda[1] / lam, num)
     du = np.asarray(prob.delta_u(prob.flow(ts)))
     predicted = theory.LADDER[case]
