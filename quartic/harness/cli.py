@@ -77,7 +77,7 @@ from types import ModuleType
 from typing import Any
 
 from quartic.core.errors import DivergenceError, QuarticError
-from quartic.harness import diagnose_command
+from quartic.harness import compile_cache, diagnose_command
 from quartic.harness.config import apply_overrides
 from quartic.harness.runs import RunDir, _fmt_s, write_json_atomic
 
@@ -334,12 +334,14 @@ def _cmd_list(args: argparse.Namespace, ctx: _Context) -> int:
 
 
 def _cmd_run(args: argparse.Namespace, ctx: _Context) -> int:
-    start = time.perf_counter()
-    module, summary, out = run_experiment(
-        args.name, quick=args.quick, overrides=args.set, out_dir=args.out, _ctx=ctx
-    )
+    with compile_cache.CompileClock() as clock:
+        module, summary, out = run_experiment(
+            args.name, quick=args.quick, overrides=args.set, out_dir=args.out, _ctx=ctx
+        )
     name = pathlib.Path(module.__file__).stem
-    print(f"{name}: finished in {_fmt_s(time.perf_counter() - start)}; results in {out}")
+    print(
+        f"{name}: finished in {_fmt_s(clock.wall)} ({clock.share:.0%} compiling); results in {out}"
+    )
     if args.figures is not None:
         for path in _plot(module, out, pathlib.Path(args.figures)):
             print(f"figure: {path}")
@@ -374,29 +376,33 @@ def _cmd_reproduce(args: argparse.Namespace, ctx: _Context) -> int:
         names = [n for n in names if n not in slow]
     for i, name in enumerate(names, 1):
         print(f"== [{i}/{len(names)}] {name} ({mode}) -> {out_root / name}", file=sys.stderr)
-        start = time.perf_counter()
         entry: dict[str, Any] = {"name": name, "out_dir": str(out_root / name)}
-        try:
-            module, summary, out = run_experiment(
-                name, quick=quick, out_dir=out_root / name, _ctx=ctx
-            )
-            figures = _plot(module, out, fig_dir)
-            new_rows = _rows(name, module, summary)
-            entry.update(status="done", figures=[str(p) for p in figures], rows=len(new_rows))
-        except QuarticError as e:
-            # Bad input or a divergence in one experiment: report it and go on with the others.
-            print(f"quartic: error: {name}: {e}", file=sys.stderr)
-            new_rows = [dict(experiment=name, quantity="(run failed)", verdict=f"error: {e}")]
-            new_rows = [{k: r.get(k) for k in TABLE_COLUMNS} for r in new_rows]
-            entry.update(status="error", error=str(e))
-        entry["seconds"] = time.perf_counter() - start
+        with compile_cache.CompileClock() as clock:
+            try:
+                module, summary, out = run_experiment(
+                    name, quick=quick, out_dir=out_root / name, _ctx=ctx
+                )
+                figures = _plot(module, out, fig_dir)
+                new_rows = _rows(name, module, summary)
+                entry.update(status="done", figures=[str(p) for p in figures], rows=len(new_rows))
+            except QuarticError as e:
+                # Bad input or a divergence in one experiment: report it and go on with the others.
+                print(f"quartic: error: {name}: {e}", file=sys.stderr)
+                new_rows = [dict(experiment=name, quantity="(run failed)", verdict=f"error: {e}")]
+                new_rows = [{k: r.get(k) for k in TABLE_COLUMNS} for r in new_rows]
+                entry.update(status="error", error=str(e))
+        entry["seconds"], entry["compile_seconds"] = clock.wall, clock.compile
         rows.extend(new_rows)
         report.append(entry)
 
     total = time.perf_counter() - start_all
     table = format_table(rows)
     no_table = [e["name"] for e in report if e["status"] == "done" and not e["rows"]]
-    ran = ", ".join(f"{e['name']} ({_fmt_s(e['seconds'])}, {e['status']})" for e in report)
+    ran = ", ".join(
+        f"{e['name']} ({_fmt_s(e['seconds'])}, {e['compile_seconds'] / e['seconds']:.0%} compiling, "
+        f"{e['status']})"
+        for e in report
+    )
     md = [f"# quartic reproduce ({mode})", "", table, "", f"Ran: {ran}; total {_fmt_s(total)}."]
     if no_table:
         md.append(f"No table rows from: {', '.join(no_table)}.")
@@ -407,7 +413,8 @@ def _cmd_reproduce(args: argparse.Namespace, ctx: _Context) -> int:
     )
     (out_root / "summary.md").write_text("\n".join(md) + "\n", encoding="utf-8")
     print(table)
-    print(f"\nsummary: {out_root / 'summary.md'}; figures: {fig_dir}")
+    print(f"\n{ran}; total {_fmt_s(total)}")
+    print(f"summary: {out_root / 'summary.md'}; figures: {fig_dir}")
     return 1 if any(e["status"] == "error" for e in report) else 0
 
 
@@ -509,6 +516,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     # The command only ever saves figures; never open a window.
     os.environ.setdefault("MPLBACKEND", "Agg")
+    # Compiled programs are kept between runs (QUARTIC_COMPILATION_CACHE=0 turns it off).
+    compile_cache.enable()
     ctx = _Context()
     try:
         if argv and argv[0] == "diagnose":

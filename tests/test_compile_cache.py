@@ -1,0 +1,86 @@
+"""The persistent compilation cache: where it lives, how it is turned off, that a second process
+reads what the first compiled, and that the clock sees compile time."""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from quartic.harness import compile_cache
+
+PROBE = """
+import json, sys, jax, jax.monitoring, jax.numpy as jnp
+from quartic.harness import compile_cache
+hits = []
+jax.monitoring.register_event_listener(
+    lambda e, **_: hits.append(e) if e == "/jax/compilation_cache/cache_hits" else None)
+print(json.dumps({"dir": str(compile_cache.enable())}))
+f = jax.jit(lambda x: jnp.cumsum(jnp.sin(x) @ x.T, axis=0).sum())
+f(jnp.ones((64, 64))).block_until_ready()
+print(json.dumps({"hits": len(hits)}))
+"""
+
+
+def _probe(env):
+    out = subprocess.run(
+        [sys.executable, "-c", PROBE], env=env, capture_output=True, text=True, check=True
+    )
+    lines = [json.loads(line) for line in out.stdout.splitlines()]
+    return lines[0]["dir"], lines[1]["hits"]
+
+
+@pytest.fixture
+def restore_jax_cache_dir():
+    before = jax.config.jax_compilation_cache_dir
+    yield
+    jax.config.update("jax_compilation_cache_dir", before)
+
+
+def test_cache_dir_follows_the_environment(monkeypatch, tmp_path):
+    monkeypatch.setenv(compile_cache.ENV_DIR, str(tmp_path / "mine"))
+    assert compile_cache.cache_dir() == tmp_path / "mine" / "jax"
+    monkeypatch.delenv(compile_cache.ENV_DIR)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert compile_cache.cache_dir() == tmp_path / "xdg" / "quartic" / "jax"
+
+
+@pytest.mark.parametrize("value", ["0", "off", "False", "no"])
+def test_the_environment_turns_it_off(monkeypatch, value, restore_jax_cache_dir):
+    monkeypatch.setenv(compile_cache.ENV_SWITCH, value)
+    assert compile_cache.enable() is None
+
+
+def test_enable_points_jax_at_the_folder(tmp_path, restore_jax_cache_dir):
+    assert compile_cache.enable(tmp_path / "c") == tmp_path / "c"
+    assert jax.config.jax_compilation_cache_dir == str(tmp_path / "c")
+    assert (tmp_path / "c").is_dir()
+
+
+def test_a_second_process_reads_what_the_first_compiled(tmp_path):
+    env = {**os.environ, compile_cache.ENV_DIR: str(tmp_path)}
+    env.pop(compile_cache.ENV_SWITCH, None)
+    folder, first = _probe(env)
+    assert pathlib.Path(folder) == tmp_path / "jax" and first == 0
+    assert any((tmp_path / "jax").iterdir())  # the program was written
+    _, second = _probe(env)
+    assert second >= 1
+    _, off = _probe({**env, compile_cache.ENV_SWITCH: "0"})
+    assert off == 0
+
+
+def test_the_clock_sees_compilation_and_not_a_cached_call():
+    f = jax.jit(lambda x: jnp.tanh(x) * 3.0 + jnp.arange(x.shape[0], dtype=x.dtype))
+    x = jnp.ones(37)
+    with compile_cache.CompileClock() as first:
+        f(x).block_until_ready()
+    with compile_cache.CompileClock() as again:
+        f(x).block_until_ready()
+    assert first.compile > 0 and 0 < first.share <= 1
+    assert again.compile == 0.0  # in-memory hit: nothing traced or compiled
