@@ -138,12 +138,16 @@ def test_slq_density_matches_the_spectrum():
     sd = curvature.slq_density(lambda v: a @ v, n, 16, 40, jax.random.PRNGKey(7), sigma=0.1)
     # quadrature weights are a probability distribution per probe
     np.testing.assert_allclose(sd.weights.sum(axis=1), 1.0, atol=1e-12)
-    # Gauss quadrature with 40 nodes integrates x and x² exactly: the moments equal tr(A^k)/n
-    # up to the Rademacher estimator's sampling error
+    # Gauss quadrature with 40 nodes integrates x and x² exactly, per probe: zᵀA^k z / n (the
+    # probes are the Rademacher vectors slq_density draws from its key); their mean equals
+    # tr(A^k)/n up to the estimator's sampling error (4 standard errors of the 16 probes)
+    z = jax.random.rademacher(jax.random.PRNGKey(7), (16, n), a.dtype)
     for k in (1, 2):
-        moment = jnp.mean(jnp.sum(sd.weights * sd.nodes**k, axis=1))
+        per_probe = jnp.sum(sd.weights * sd.nodes**k, axis=1)
+        quad = jnp.einsum("pi,ij,pj->p", z, jnp.linalg.matrix_power(a, k), z) / n
+        np.testing.assert_allclose(per_probe, quad, rtol=1e-12)
         exact = jnp.sum(evals**k) / n
-        assert abs(moment - exact) < 0.15 * abs(exact) + 0.05
+        assert abs(jnp.mean(per_probe) - exact) < 4 * jnp.std(per_probe, ddof=1) / jnp.sqrt(16)
     dx = sd.grid[1] - sd.grid[0]
     np.testing.assert_allclose(jnp.sum(sd.density) * dx, 1.0, atol=1e-3)
     mass_outlier = jnp.sum(jnp.where(sd.grid > 4.0, sd.density, 0.0)) * dx

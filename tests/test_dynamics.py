@@ -24,15 +24,16 @@ def test_rk4_flow_matches_the_exact_path():
     )
     traj = jax.jit(lambda: dynamics.gradient_flow(prob.ft_loss_fn, prob.theta_star, ts, observe))()
     exact = prob.flow(ts)
-    # RK4 with 16 substeps per record: relative error O((h λ)^4) ≤ (1/16)^4 · (ratio of grid)^4
-    np.testing.assert_allclose(traj.observables["delta_u"], prob.delta_u(exact), rtol=1e-7)
-    np.testing.assert_allclose(traj.theta, exact[-1], rtol=1e-9, atol=1e-14)
+    # RK4 with 16 substeps per record: relative error O((h λ)^4); measured 3.6e-10 (Δu), 1.9e-10
+    # (projection, overlap), 1.3e-10 (θ): the tolerances are about 3× those
+    np.testing.assert_allclose(traj.observables["delta_u"], prob.delta_u(exact), rtol=1e-9)
+    np.testing.assert_allclose(traj.theta, exact[-1], rtol=4e-10, atol=1e-14)
     coords = exact @ basis
     np.testing.assert_allclose(
-        traj.observables["proj_norm"], jnp.linalg.norm(coords, axis=-1), rtol=1e-7
+        traj.observables["proj_norm"], jnp.linalg.norm(coords, axis=-1), rtol=6e-10
     )
     overlap = jnp.linalg.norm(coords, axis=-1) / jnp.linalg.norm(exact, axis=-1)
-    np.testing.assert_allclose(traj.observables["overlap"], overlap, rtol=1e-7)
+    np.testing.assert_allclose(traj.observables["overlap"], overlap, rtol=6e-10)
 
 
 def test_vmapped_seeds_equal_single_runs_and_compile_once():

@@ -190,9 +190,9 @@ def test_curved_family_onset_window_and_exact_c4():
     slope = fitting.local_slope(ts, du)
     window = fitting.slope_window(ts, slope, 4.0, 0.1)
     assert window is not None and window[1] / window[0] > 100
-    # Δu/t⁴ → c₄ (the Taylor-mode value) as t → 0, with error O(t)
+    # Δu/t⁴ → c₄ (the Taylor-mode value) as t → 0, with error O(t): 9.1e-7 at t·λ = 1e-6
     ratio = du / (c4 * ts**4)
-    assert abs(ratio[0] - 1) < 1e-3
+    assert abs(ratio[0] - 1) < 2e-6
     # the paper's γ_F²/8 misses the output-curvature term: report it, and check it is not c₄
     a, _, _ = _coupling_vectors(prob.base, basis, 3)
     paper = float(theory.quartic_coefficient(jnp.linalg.norm(a)))
@@ -213,7 +213,8 @@ def test_curved_subspace_rotation_within_davis_kahan():
     # Davis–Kahan (Yu–Wang–Samworth form): sin Θ ≤ 2 ‖F(θ) − F(θ*)‖ / gap, and to first order
     # ‖F(θ) − F(θ*)‖ ≤ L_F ‖θ − θ*‖
     bound = 2 * float(prob.fisher_lipschitz()) * dist / gap
-    assert np.all(sin > 0) and np.all(sin <= bound)
+    # the angle is 3.3 % of the bound here: the bound holds with that much room, no more than 3×
+    assert np.all(sin > 0) and np.all(sin <= 0.1 * bound)
     # the angle grows linearly with ‖δ‖ (the subspace rotates at first order)
     assert abs(fitting.fit_exponent(dist[:6], sin[:6]).exponent - 1) < 0.1
 
