@@ -31,13 +31,48 @@ def onset_order(m: int) -> int:
     return 2 * m
 
 
-#: Predicted onset exponents of the ablation ladder (docs/theory.md §3), by case name.
-LADDER = {
-    "first_order_leak": onset_order(1),
-    "quartic": onset_order(2),
-    "phg_zero": onset_order(3),
-    "no_coupling": None,  # Δu ≡ 0: no growth at any order
-}
+class Rung(NamedTuple):
+    """One rung of the onset ladder: a quadratic problem that satisfies the AIC with one condition
+    broken, and the exponents it predicts.
+
+    Attributes:
+      name: the case.
+      field: the :class:`~quartic.QuadraticSpec` field that breaks the condition (``None``: the
+        AIC base itself).
+      value: its value; ``None`` where the size is the caller's choice (``leak``, ``tail``).
+      onset: the onset exponent (``None``: Δu ≡ 0, no growth at any order).
+      late: the exponent after the crossover t× (``None``: the onset holds throughout).
+    """
+
+    name: str
+    field: str | None
+    value: float | bool | None
+    onset: int | None
+    late: int | None
+
+    def change(self, **sizes) -> dict:
+        """The spec fields to replace in an AIC base, ``sizes`` giving ``leak``/``tail``."""
+        if self.field is None:
+            return {}
+        if self.value is not None:
+            return {self.field: self.value}
+        if self.field not in sizes:
+            raise QuarticError(f"the rung {self.name!r} needs a size for {self.field!r}")
+        return {self.field: sizes[self.field]}
+
+
+#: The onset ladder (docs/theory.md §3): every rung, in order. Fisher mass outside M sees δ's first
+#: Taylor coefficient (−g), like a leak: the m = 1 rung as well.
+RUNGS = (
+    Rung("quartic", None, None, onset_order(2), None),
+    Rung("first_order_leak", "leak", None, onset_order(1), ORDER),
+    Rung("fisher_tail", "tail", None, onset_order(1), ORDER),
+    Rung("phg_zero", "phg_zero", True, onset_order(3), None),
+    Rung("no_coupling", "coupling", 0.0, None, None),
+)
+
+#: Predicted onset exponents of the ladder, by case name.
+LADDER = {r.name: r.onset for r in RUNGS}
 
 
 def quartic_coefficient(gamma_fisher) -> jax.Array:

@@ -35,31 +35,19 @@ from quartic.core.subspace import lambda_max
 
 #: The rungs of the ladder measured here, in order: (name, onset exponent, exponent after t×).
 #: ``None`` for the onset means Δu ≡ 0; ``None`` after t× means no second regime.
-RUNGS = (
-    ("quartic", theory.LADDER["quartic"], None),
-    ("first_order_leak", theory.LADDER["first_order_leak"], theory.ORDER),
-    # Fisher mass outside M sees δ's first Taylor coefficient (−g): the m = 1 rung as well
-    ("fisher_tail", theory.onset_order(1), theory.ORDER),
-    ("phg_zero", theory.LADDER["phg_zero"], None),
-    ("no_coupling", theory.LADDER["no_coupling"], None),
-)
+RUNGS = tuple((r.name, r.onset, r.late) for r in theory.RUNGS)
 
 
 def ladder_specs(base: QuadraticSpec, leak: float, tail: float) -> dict[str, QuadraticSpec]:
-    """One spec per rung: ``base`` (which must satisfy the AIC: no leak, no tail, coupling > 0)
-    with exactly one condition broken."""
+    """One spec per rung of :data:`quartic.core.theory.RUNGS`: ``base`` (which must satisfy the
+    AIC: no leak, no tail, coupling > 0) with exactly one condition broken."""
     if base.leak != 0 or base.tail != 0 or base.coupling <= 0 or base.phg_zero:
         raise QuarticError(
             "the ladder's base spec must satisfy the AIC: leak = 0, tail = 0, coupling > 0, "
             f"phg_zero = False; got {base}"
         )
-    rep = dataclasses.replace
     return {
-        "quartic": base,
-        "first_order_leak": rep(base, leak=leak),
-        "fisher_tail": rep(base, tail=tail),
-        "phg_zero": rep(base, phg_zero=True),
-        "no_coupling": rep(base, coupling=0.0),
+        r.name: dataclasses.replace(base, **r.change(leak=leak, tail=tail)) for r in theory.RUNGS
     }
 
 
