@@ -26,7 +26,6 @@ import numpy as np
 from quartic.core import curvature, pytree, theory
 from quartic.core.errors import QuarticError
 from quartic.core.measure import fisher_weighted
-from quartic.core.subspace import lambda_max
 
 
 @dataclass(frozen=True)
@@ -67,9 +66,10 @@ class AICReport:
 
     What the fields hold depends on ``method``:
 
-    - ``"dense"``: ``eigenvalues`` is the whole spectrum of F (``[n]``, descending), ``trace`` its
-      exact sum, ``tail_mass`` the exact ``Σ_{j>d} λ_j``, ``tail_mass_stderr`` 0 and ``residuals``
-      ``None``.
+    - ``"dense"``: ``trace`` is exact (F's diagonal), ``tail_mass`` the exact ``Σ_{j>d} λ_j`` (as
+      ``trace − Σ top-d``), ``tail_mass_stderr`` 0 and ``residuals`` ``None``. ``eigenvalues`` is the
+      whole spectrum of F (``[n]``, descending) when F is indefinite, small (n ≤ 512) or
+      ``full_spectrum=True``; otherwise the top ``d + 10`` (block Lanczos, verified by residuals).
     - ``"lanczos"``: ``eigenvalues`` holds only the top d (``[d]``) with their exact residuals
       ``‖F v − λ v‖`` in ``residuals``; ``trace`` is a Hutchinson estimate and ``tail_mass`` =
       trace − Σ top-d, an estimate with standard error ``tail_mass_stderr``.
@@ -178,7 +178,8 @@ class AICReport:
 
     def _fields_note(self) -> str:
         if self.method == "dense":
-            return "dense: the whole spectrum, exact trace and tail"
+            whole = self.eigenvalues.shape[0] == self.n
+            return f"dense: {'the whole spectrum' if whole else 'top pairs'}, exact trace and tail"
         return (
             f"lanczos: top {self.rank} only, trace and tail by Hutchinson"
             f" (tail ± {self.tail_mass_stderr:.2g})"
@@ -207,7 +208,52 @@ def _judge(value, threshold, rule, larger_is_bad=True) -> Verdict:
     return Verdict(float(value), float(threshold), bool(ok), rule)
 
 
+@dataclass(frozen=True)
+class GaussNewton:
+    """``fisher=GaussNewton(logits_fn)``: F is the true Fisher (the Gauss–Newton matrix)
+    ``(1/N) Σ_i J_iᵀ (diag p_i − p_i p_iᵀ) J_i`` of the categorical outputs
+    ``logits_fn(params[, fisher_batch]) -> [N, C]``, applied matrix-free (one jvp and one vjp per
+    product, :func:`quartic.core.curvature.fisher_matvec`) inside the compiled check, with
+    ``fisher_batch`` an argument of it (not a constant folded into the program)."""
+
+    logits_fn: Callable
+
+    def matvec(self, theta, to_params, params, batch):
+        fn = self.logits_fn
+        logits = lambda th: (
+            fn(to_params(th, params)) if batch is None else fn(to_params(th, params), batch)
+        )
+        return curvature.fisher_matvec(logits, theta)
+
+
 _MEASURE_CACHE: dict = {}
+_DENSE_CACHE: dict = {}
+
+
+def _dense_fn(align_loss_fn, fisher, to_params, mask_key, no_align_batch, chunk_size):
+    """One jitted program building F ``[n, n]`` from batched products (the exact Hessian of
+    ``L_A``, a given matvec or a :class:`GaussNewton`)."""
+    cache_key = (align_loss_fn, fisher, mask_key, no_align_batch, chunk_size)
+    if cache_key not in _DENSE_CACHE:
+
+        def build(theta, params, align_batch, f_batch):
+            if isinstance(fisher, GaussNewton):
+                mv = fisher.matvec(theta, to_params, params, f_batch)
+            elif fisher is not None:
+                mv = fisher
+            else:
+                args = lambda th: (
+                    (to_params(th, params),)
+                    if no_align_batch
+                    else (to_params(th, params), align_batch)
+                )
+                mv = curvature.hvp_fn(lambda th: align_loss_fn(*args(th)), theta)
+            return curvature.dense_matrix(mv, theta.shape[0], theta.dtype, chunk_size)
+
+        if len(_DENSE_CACHE) > 16:
+            _DENSE_CACHE.clear()
+        _DENSE_CACHE[cache_key] = jax.jit(build)
+    return _DENSE_CACHE[cache_key]
 
 
 def _measure_fn(
@@ -224,6 +270,8 @@ def _measure_fn(
     num_iters,
     trace_samples,
     chunk_size,
+    exact_trace=False,
+    trace_batch=None,
 ):
     """One jitted program per (losses, selection, settings): params, data, F and the key are its
     arguments, so repeated checks (other tasks, other batches of the same shapes) reuse it."""
@@ -240,11 +288,13 @@ def _measure_fn(
         num_iters,
         trace_samples,
         chunk_size,
+        exact_trace,
+        trace_batch,
     )
     if cache_key in _MEASURE_CACHE:
         return _MEASURE_CACHE[cache_key]
 
-    def measure(theta, params, f_given, f_eig, align_batch, ft_batch, key):
+    def measure(theta, params, f_given, f_eig, align_batch, ft_batch, key, f_batch, f_trace):
         n = theta.shape[0]
         la = lambda th: align_loss_fn(
             *((to_params(th, params),) if no_align_batch else (to_params(th, params), align_batch))
@@ -259,17 +309,23 @@ def _measure_fn(
         hg = h_ft(g)
         if dense_given:
             f_mv = lambda v: f_given @ v
+        elif isinstance(fisher_mv, GaussNewton):
+            f_mv = fisher_mv.matvec(theta, to_params, params, f_batch)
         else:
             f_mv = fisher_mv if fisher_mv is not None else h_a
         out = {"align_loss_fn": la(theta), "ft_loss_fn": lf(theta)}
         if method == "dense":
-            if dense_given:  # decomposed once per matrix, outside (curvature.eigh_descending)
-                w, v = f_eig
-            else:
-                a = curvature.dense_matrix(f_mv, n, theta.dtype, chunk_size)
-                w, v = jnp.linalg.eigh(curvature.symmetrize(a))
-                w, v = w[::-1], v[:, ::-1]
+            # built and decomposed once per matrix, outside (curvature.top_eigh_descending)
+            w, v = f_eig
             top, basis = w[:rank], v[:, :rank]
+        if method == "dense" and w.shape[0] < n:
+            # top pairs only, F positive semi-definite (checked outside): tail = trace − Σ top-d
+            trace = jnp.trace(f_given)
+            zero = jnp.zeros_like(trace)
+            out.update(trace=trace, tail=trace - jnp.sum(top), tail_se=zero, eigenvalues=w)
+            out.update(neg_floor=zero, neg_mass=zero, tail_pos=trace - jnp.sum(top))
+            out.update(g_f_g_pos=jnp.vdot(g, f_mv(g)), hg_f_hg_pos=jnp.vdot(hg, f_mv(hg)))
+        elif method == "dense":
             out.update(trace=jnp.sum(w), tail=jnp.sum(w[rank:]), tail_se=jnp.zeros_like(w[0]))
             out["eigenvalues"] = w
             # F's positive part, for an indefinite F (negative eigenvalues beyond rounding)
@@ -286,13 +342,18 @@ def _measure_fn(
                 f_mv, n, rank, 0, num_iters=num_iters, key=key, dtype=theta.dtype
             )
             top, basis = res.top.values, res.top.vectors
-            est = curvature.hutchinson_trace(
-                f_mv, n, trace_samples, jax.random.fold_in(key, 1), theta.dtype
-            )
+            if exact_trace:  # given by the caller (e.g. curvature.fisher_trace)
+                est = curvature.TraceEstimate(jnp.asarray(f_trace, theta.dtype), jnp.zeros(()))
+            else:
+                est = curvature.hutchinson_trace(
+                    f_mv, n, trace_samples, jax.random.fold_in(key, 1), theta.dtype, trace_batch
+                )
             out.update(trace=est.value, tail=est.value - jnp.sum(top), tail_se=est.stderr)
             out.update(eigenvalues=top, residuals=res.top.residuals)
-        lam_ft = lambda_max(h_ft, n, num_iters=LAMBDA_MAX_ITERS, key=key, dtype=theta.dtype)
-        out["lam_max_ft"], out["lam_max_ft_residual"] = lam_ft.value, lam_ft.residual
+        lam_ft = curvature.lanczos_eigh(
+            h_ft, n, 1, 0, num_iters=min(n, LAMBDA_MAX_ITERS), key=key, dtype=theta.dtype
+        ).top
+        out["lam_max_ft"], out["lam_max_ft_residual"] = lam_ft.values[0], lam_ft.residuals[0]
         coords_hg = basis.T @ hg
         out.update(
             top=top,
@@ -335,6 +396,10 @@ def check_aic(
     trace_samples: int = 64,
     key: jax.Array | None = None,
     chunk_size: int | None = 256,
+    fisher_batch: Any = None,
+    fisher_trace: float | None = None,
+    trace_batch: int | None = None,
+    full_spectrum: bool = False,
 ) -> AICReport:
     """Measure the Alignment Instability Condition (Def 5.1) at ``params`` = θ*.
 
@@ -344,11 +409,19 @@ def check_aic(
       params: θ*, any pytree (or a flat vector).
       rank: d, the dimension of the sensitive subspace M.
       fisher: the alignment curvature F: ``None`` (exact Hessian of L_A), a dense ``[n, n]``
-        matrix, or a matvec ``v[n] -> F v`` on the flat (selected) parameters.
+        matrix, a matvec ``v[n] -> F v`` on the flat (selected) parameters, or
+        :class:`GaussNewton` (the true Fisher of categorical outputs, matrix-free; its data is
+        ``fisher_batch``).
       where: parameter subset (see :func:`quartic.core.pytree.select`): one layer, LoRA weights.
-      method: ``"dense"`` (exact, ``eigh`` of the dense ``[n, n]`` matrix from batched HVPs) or
-        ``"lanczos"`` (top-d by Lanczos with full reorthogonalisation; the tail mass then comes from
-        a Hutchinson trace estimate, with its standard error).
+      method: ``"dense"`` (exact, from the dense ``[n, n]`` matrix built by batched products: for a
+        positive semi-definite F above 512 parameters the top-d pairs come from restarted block
+        Lanczos verified by its residuals (:func:`quartic.core.curvature.top_eigh_descending`),
+        the tail is ``trace − Σ top-d`` and ``eigenvalues`` holds the top ``d + 10``; otherwise, or
+        with ``full_spectrum=True``, the whole ``eigh``) or ``"lanczos"`` (matrix-free: top-d by
+        Lanczos with full reorthogonalisation, memory ``O(n·(num_iters + d))``; the tail mass comes
+        from a Hutchinson trace estimate with its standard error, ``trace_batch`` products at a
+        time, or from ``fisher_trace`` when the caller has the exact trace, e.g.
+        :func:`quartic.core.curvature.fisher_trace`).
       thresholds: the caller's thresholds for each condition.
 
     Returns:
@@ -376,32 +449,49 @@ def check_aic(
         shape = jax.eval_shape(fn, *args).shape
         if shape != ():
             raise QuarticError(f"{name} must return a scalar, got shape {shape}")
-    if fisher is not None and not callable(fisher):
+    if fisher is not None and not callable(fisher) and not isinstance(fisher, GaussNewton):
         f_given = jnp.asarray(fisher)
         if f_given.shape != (n, n):
             raise QuarticError(f"fisher must be [n, n] = [{n}, {n}], got shape {f_given.shape}")
     else:
         f_given = None
+    if fisher_trace is not None and not (method == "lanczos" and math.isfinite(fisher_trace)):
+        raise QuarticError(
+            f"fisher_trace must be a finite number and needs method='lanczos', got {fisher_trace!r}"
+        )
     key = jax.random.PRNGKey(0) if key is None else key
+    f_callable = fisher if callable(fisher) or isinstance(fisher, GaussNewton) else None
+    dense_given = f_given is not None
+    if method == "dense" and not dense_given:  # products with F itself still use its operator
+        build = _dense_fn(
+            align_loss_fn, f_callable, to_params, mask_key, align_batch is None, chunk_size
+        )
+        f_given = build(theta, params, align_batch, fisher_batch)
     measure = _measure_fn(
         align_loss_fn,
         ft_loss_fn,
-        fisher if callable(fisher) else None,
+        f_callable,
         to_params,
         mask_key,
         align_batch is None,
         ft_batch is None,
-        f_given is not None,
+        dense_given,
         method,
         rank,
         num_iters,
         trace_samples,
         chunk_size,
+        fisher_trace is not None,
+        trace_batch,
     )
-    f_eig = (
-        curvature.eigh_descending(f_given) if f_given is not None and method == "dense" else None
-    )
-    m = measure(theta, params, f_given, f_eig, align_batch, ft_batch, key)
+    if method != "dense":
+        f_eig = None
+    elif full_spectrum:
+        f_eig = curvature.eigh_descending(f_given)
+    else:
+        f_eig = curvature.top_eigh_descending(f_given, rank)
+    f_trace = 0.0 if fisher_trace is None else fisher_trace
+    m = measure(theta, params, f_given, f_eig, align_batch, ft_batch, key, fisher_batch, f_trace)
     for name in ("align_loss_fn", "ft_loss_fn"):
         if not bool(jnp.isfinite(m[name])):
             raise QuarticError(f"{name} is not finite at the given parameters: {float(m[name])}")

@@ -208,6 +208,147 @@ def eigh_descending(a: jax.Array) -> tuple[jax.Array, jax.Array]:
     return out
 
 
+class TopEigh(NamedTuple):
+    """Output of :func:`dense_top_eigh`: the top eigenpairs with their residuals, and how."""
+
+    pairs: Eigenpairs  # the ``k`` largest (algebraic), descending
+    ritz_values: jax.Array  # [b] every Ritz value of the last block, descending (top-k first)
+    converged: jax.Array  # bool: True when the block Krylov pairs passed; False: eigh was used
+    restarts: jax.Array  # block Krylov passes run
+
+
+def dense_top_eigh(
+    a: jax.Array,
+    k: int,
+    *,
+    block: int | None = None,
+    steps: int = 12,
+    max_restarts: int = 8,
+    rtol: float = 1e-12,
+    key: jax.Array | None = None,
+    min_n: int = 512,
+) -> TopEigh:
+    """The ``k`` largest eigenpairs of a dense symmetric ``a`` without a full decomposition.
+
+    Restarted block Lanczos with full reorthogonalisation: a block of ``b = block`` (default
+    ``k + 10``) vectors spans a Krylov space of ``steps·b`` directions by matrix–matrix products,
+    Rayleigh–Ritz on it gives Ritz pairs, and the top ``b`` restart the next pass. The pairs are
+    accepted once every residual ``‖a v − λ v‖ ≤ rtol·|λ_1|`` and the basis is orthonormal to 1e-10;
+    the error of the eigenvalues is then at most residual²/gap and of the top-k subspace
+    residual/gap (Davis–Kahan). Otherwise (after ``max_restarts`` passes) the result is the full
+    ``eigh``'s, so the answer is never worse than ``eigh``. Cost per pass ``O(n² · steps · b)``,
+    against ``O(n³)`` for ``eigh``; for ``n ≤ max(min_n, steps·b)`` ``eigh`` is used directly.
+    Jit-compatible (``k``, ``block``, ``steps``, ``max_restarts`` static).
+    """
+    n = a.shape[0]
+    if not 1 <= k <= n:
+        raise QuarticError(f"k must be in [1, n={n}], got {k}")
+    b = min(n, block or k + 10)
+    if b < k:
+        raise QuarticError(f"block={b} must be at least k={k}")
+    a = symmetrize(a)
+    dtype = a.dtype
+
+    def full():
+        w, v = jnp.linalg.eigh(a)
+        vals, vecs = w[::-1][:k], v[:, ::-1][:, :k]
+        res = jnp.linalg.norm(a @ vecs - vecs * vals[None, :], axis=0)
+        return Eigenpairs(vals, vecs, res), w[::-1][:b]
+
+    if n <= max(min_n, steps * b):
+        pairs, ritz = full()
+        return TopEigh(pairs, ritz, jnp.asarray(False), jnp.asarray(0))
+
+    m = steps * b
+
+    def orth(w, basis):
+        for _ in range(2):
+            w = w - basis @ (basis.T @ w)
+        return w
+
+    def one_pass(q0):
+        basis = jnp.zeros((n, m), dtype).at[:, :b].set(q0)
+
+        def grow(j, basis):  # unfilled columns are zero, so they drop out of the projections
+            prev = lax.dynamic_slice_in_dim(basis, (j - 1) * b, b, axis=1)
+            q, _ = jnp.linalg.qr(orth(a @ prev, basis))
+            q, _ = jnp.linalg.qr(orth(q, basis))  # columns QR invented for a deficient block
+            return lax.dynamic_update_slice_in_dim(basis, q, j * b, axis=1)
+
+        basis = lax.fori_loop(1, steps, grow, basis)
+        ab = a @ basis
+        w, s = jnp.linalg.eigh(symmetrize(basis.T @ ab))
+        s = s[:, ::-1][:, :b]
+        vals = w[::-1][:b]
+        vecs, avecs = basis @ s, ab @ s
+        res = jnp.linalg.norm(avecs - vecs * vals[None, :], axis=0)
+        ortho = jnp.max(jnp.abs(basis.T @ basis - jnp.eye(m, dtype=dtype)))
+        return vals, vecs, res, ortho
+
+    def accepted(vals, res, ortho):
+        scale = jnp.maximum(jnp.abs(vals[0]), jnp.finfo(dtype).tiny)
+        return (jnp.max(res[:k]) <= rtol * scale) & (ortho <= 1e-10)
+
+    key = jax.random.PRNGKey(0) if key is None else key
+    q0, _ = jnp.linalg.qr(jax.random.normal(key, (n, b), dtype))
+
+    def cond(c):
+        vals, _, res, ortho, i = c
+        return (i < max_restarts) & ~accepted(vals, res, ortho)
+
+    def body(c):
+        _, vecs, _, _, i = c
+        return (*one_pass(vecs), i + 1)
+
+    vals, vecs, res, ortho = one_pass(q0)
+    vals, vecs, res, ortho, passes = lax.while_loop(
+        cond, body, (vals, vecs, res, ortho, jnp.asarray(1))
+    )
+    ok = accepted(vals, res, ortho)
+    pairs, ritz = lax.cond(ok, lambda: (Eigenpairs(vals[:k], vecs[:, :k], res[:k]), vals), full)
+    return TopEigh(pairs, ritz, ok, passes)
+
+
+_TOP_LAST: list = []  # [((matrix, k), (values, vectors))]: the last matrix decomposed
+
+
+def top_eigh_descending(a: jax.Array, k: int, min_n: int = 512) -> tuple[jax.Array, jax.Array]:
+    """The top eigenpairs of a symmetric ``a`` that the AIC needs, largest first: ``(w, v)``.
+
+    For a positive semi-definite ``a`` (to rounding: the Cholesky factorisation of
+    ``a + n·eps·|λ₁|·I`` succeeds, O(n³/3)) larger than ``min_n``: ``w`` holds the top ``k + 10``
+    Ritz values and ``v [n, k]`` the top-k eigenvectors, from :func:`dense_top_eigh` (verified by
+    its residuals). Otherwise (small, indefinite, or not converged): :func:`eigh_descending`, the
+    whole spectrum ``w [n]`` and ``v [n, n]``; a caller tells the two apart by ``w.shape[0] < n``.
+    Remembered for the last ``jax.Array`` like :func:`eigh_descending`.
+    """
+    n = a.shape[0]
+    if n <= min_n:
+        return eigh_descending(a)
+    if _TOP_LAST and _TOP_LAST[0][0][0] is a and _TOP_LAST[0][0][1] == k:
+        return _TOP_LAST[0][1]
+    res = _dense_top_jit(a, k)
+    out = None
+    if bool(res.converged):
+        shift = n * jnp.finfo(a.dtype).eps * jnp.abs(res.ritz_values[0])
+        if bool(_psd_jit(a, shift)):
+            out = (res.ritz_values, res.pairs.vectors)
+    if out is None:
+        out = eigh_descending(a)
+    if isinstance(a, jax.Array):
+        _TOP_LAST[:] = [((a, k), out)]
+    return out
+
+
+_dense_top_jit = jax.jit(lambda a, k: dense_top_eigh(a, k), static_argnums=1)
+
+
+@jax.jit
+def _psd_jit(a, shift):
+    chol = jnp.linalg.cholesky(symmetrize(a) + shift * jnp.eye(a.shape[0], dtype=a.dtype))
+    return jnp.all(jnp.isfinite(chol))
+
+
 def dense_eigh_extremes(a: jax.Array, k_top: int, k_bottom: int = 0) -> LanczosResult:
     """The same result type from a dense symmetric matrix (the exact oracle)."""
     w, v = jnp.linalg.eigh(symmetrize(a))
@@ -232,12 +373,20 @@ class TraceEstimate(NamedTuple):
 
 
 def hutchinson_trace(
-    matvec: Matvec, n: int, num_samples: int, key: jax.Array, dtype=None
+    matvec: Matvec,
+    n: int,
+    num_samples: int,
+    key: jax.Array,
+    dtype=None,
+    batch_size: int | None = None,
 ) -> TraceEstimate:
-    """Hutchinson's estimate ``E[zᵀ A z]`` with Rademacher ``z``, and its standard error."""
+    """Hutchinson's estimate ``E[zᵀ A z]`` with Rademacher ``z``, and its standard error.
+
+    ``batch_size`` products in flight at a time (``None``: all ``num_samples``), which bounds the
+    memory of a large model's matvec."""
     dtype = dtype or jnp.result_type(float)
     z = jax.random.rademacher(key, (num_samples, n), dtype)
-    quad = jax.vmap(lambda v: jnp.vdot(v, matvec(v)))(z)
+    quad = lax.map(lambda v: jnp.vdot(v, matvec(v)), z, batch_size=batch_size or num_samples)
     return TraceEstimate(quad.mean(), quad.std(ddof=1) / jnp.sqrt(num_samples))
 
 
@@ -340,6 +489,33 @@ def fisher_from_jacobian(jac: jax.Array, logits: jax.Array) -> jax.Array:
     g = jnp.sqrt(p)[..., None] * (jac - mean_j[:, None, :])
     g = g.reshape(-1, jac.shape[-1])
     return g.T @ g / jac.shape[0]
+
+
+def fisher_trace(
+    single_logits_fn: Callable[..., jax.Array],
+    theta: jax.Array,
+    *examples: jax.Array,
+    batch_size: int = 8,
+) -> jax.Array:
+    """Exact trace of the true Fisher ``(1/N) Σ_i J_iᵀ (diag p_i − p_i p_iᵀ) J_i``, matrix-free.
+
+    ``tr F = (1/N) Σ_i Σ_c p_{ic} ‖J_{ic} − Σ_c' p_{ic'} J_{ic'}‖²`` from each example's ``[C, n]``
+    Jacobian (``C`` backward passes), ``batch_size`` examples at a time: memory
+    ``O(batch_size · C · n)``, cost about ``C`` backward passes of the whole batch. For a
+    vocabulary-sized head this is cheaper than a Hutchinson estimate of useful accuracy, and exact.
+    ``single_logits_fn(theta, *example_i) -> [C]``; ``examples`` are stacked along axis 0.
+    """
+
+    def one(ex):
+        z, vjp = jax.vjp(lambda th: single_logits_fn(th, *ex), theta)
+        if z.ndim != 1:
+            raise QuarticError(f"single_logits_fn must return [C] logits, got shape {z.shape}")
+        p = jax.nn.softmax(z)
+        jac = jax.vmap(lambda e: vjp(e)[0])(jnp.eye(z.shape[0], dtype=z.dtype))  # [C, n]
+        centred = jac - p @ jac
+        return jnp.sum(p * jnp.sum(centred**2, axis=1))
+
+    return jnp.mean(lax.map(one, examples, batch_size=batch_size))
 
 
 def fisher_factor(

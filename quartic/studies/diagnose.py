@@ -176,6 +176,7 @@ def diagnose(
             fisher=fisher,
             where=where,
             thresholds=thresholds,
+            full_spectrum=True,
         )
         rank = _rank_from_variance(probe.eigenvalues, probe.trace, explained_variance)
         n = probe.n

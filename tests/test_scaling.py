@@ -1,0 +1,68 @@
+"""The dense partial eigensolver and the matrix-free AIC against dense oracles (eigh)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import quartic as q
+from quartic.core import curvature
+
+
+def _psd(n, key, decay):
+    """A dense PSD matrix with eigenvalues exp(−j/decay), a random eigenbasis, and that basis."""
+    basis, _ = jnp.linalg.qr(jax.random.normal(key, (n, n)))
+    w = jnp.exp(-jnp.arange(n, dtype=jnp.float64) / decay)
+    return curvature.symmetrize((basis * w[None, :]) @ basis.T), w
+
+
+@pytest.mark.parametrize("decay", [8.0, 200.0])
+def test_dense_top_eigh_matches_eigh_to_1e10(decay):
+    """Fast and slow spectral decay (slow: λ_10/λ_11 = 1.005, a hard gap for Krylov methods)."""
+    a, _ = _psd(700, jax.random.PRNGKey(0), decay)
+    got = jax.jit(lambda m: curvature.dense_top_eigh(m, 10))(a)
+    w, v = jnp.linalg.eigh(a)
+    w, v = w[::-1], v[:, ::-1]
+    assert bool(got.converged) or decay > 100  # the slow case may fall back to eigh: still exact
+    np.testing.assert_allclose(got.pairs.values, w[:10], rtol=0, atol=1e-10 * float(w[0]))
+    proj = got.pairs.vectors @ got.pairs.vectors.T - v[:, :10] @ v[:, :10].T
+    assert float(jnp.abs(proj).max()) < 1e-10
+    assert float(got.pairs.residuals.max()) < 1e-10 * float(w[0])
+
+
+def test_top_eigh_descending_refuses_an_indefinite_matrix():
+    """An indefinite matrix gets the whole spectrum (the AIC needs F's positive part there)."""
+    a, _ = _psd(600, jax.random.PRNGKey(1), 8.0)
+    w, v = curvature.top_eigh_descending(a, 5)
+    assert w.shape == (15,) and v.shape == (600, 5)
+    w, v = curvature.top_eigh_descending(a - 1e-3 * jnp.eye(600), 5)
+    assert w.shape == (600,) and v.shape == (600, 600)
+
+
+def test_dense_check_above_the_partial_threshold_matches_eigh():
+    """check_aic(method='dense') at n = 600 (block Lanczos, tail = trace − Σ top-d) against every
+    quantity computed by eigh of the problem's matrices, to 1e-10."""
+    spec = q.QuadraticSpec(n=600, d=6, tail=0.4, leak=0.1, coupling=0.6)
+    prob, _ = q.make_quadratic(jax.random.PRNGKey(2), spec)
+    rep = q.check_aic(prob.align_loss_fn, prob.ft_loss_fn, prob.theta_star, rank=spec.d)
+    assert rep.eigenvalues.shape[0] < spec.n  # the partial path ran
+    full = q.check_aic(
+        prob.align_loss_fn, prob.ft_loss_fn, prob.theta_star, rank=spec.d, full_spectrum=True
+    )
+    assert full.eigenvalues.shape[0] == spec.n
+    f, h, g = prob.fisher, prob.ft_hessian, prob.ft_grad
+    w, v = jnp.linalg.eigh(f)
+    w, v = w[::-1], v[:, ::-1]
+    p = v[:, : spec.d] @ v[:, : spec.d].T
+    f_half = (v * jnp.sqrt(jnp.clip(w, 0))[None, :]) @ v.T
+    direct = {
+        "lambda_d": w[spec.d - 1],
+        "tail_mass": jnp.sum(w[spec.d :]),
+        "trace": jnp.trace(f),
+        "ortho_norm": jnp.linalg.norm(p @ g),
+        "gamma_fisher": jnp.linalg.norm(f_half @ p @ h @ g),
+        "gamma_unweighted": jnp.linalg.norm(p @ h @ g),
+    }
+    for name, value in direct.items():
+        for r in (rep, full):
+            assert abs(getattr(r, name) - float(value)) <= 1e-10 * max(1.0, abs(float(value))), name
