@@ -102,7 +102,6 @@ def test_tiny_run_produces_every_quantity(tiny_run):
     assert set(summary["bow_baseline"]) == {"surface|hate", "surface|political"}
     base = summary["bow_baseline"]["surface|political"]
     assert base["target_train"]["n_rows"] == 40 and base["source_train"]["n_rows"] == 160
-    assert all(0 <= base[k]["test_accuracy"] <= 1 for k in ("target_train", "source_train"))
     rows = EXP.table(summary)
     assert any("ΔASR@80" in r["quantity"] for r in rows)
     assert all(r["experiment"] == "transfer_robustness" for r in rows)
