@@ -69,7 +69,7 @@ SCRIPT = COMMON + textwrap.dedent(
                                   np.abs(np.asarray(th_s) - np.asarray(th_1)).max()))
     out["sweep_scale"] = float(np.abs(np.asarray(du_1)).max())
     loss, theta = hessian_problem()
-    h_s = distributed.dense_hessian(loss, theta, chunk_size=4)
+    h_s = distributed.sharded_dense_hessian(loss, theta, chunk_size=4)
     h_1 = jax.jit(lambda th: curvature.dense_hessian(loss, th, 4))(theta)
     h_ref = jax.hessian(loss)(theta)
     out["hess_devices"] = distributed.shard_info(h_s)["num_devices"]
@@ -92,7 +92,7 @@ WORKER = COMMON + textwrap.dedent(
     k_grid, s_grid = grid()
     du, th = distributed.to_host(distributed.sweep(run, k_grid, s_grid))
     loss, theta = hessian_problem()
-    h = distributed.to_host(distributed.dense_hessian(loss, theta, chunk_size=4))
+    h = distributed.to_host(distributed.sharded_dense_hessian(loss, theta, chunk_size=4))
     out = {"pid": pid, "processes": jax.process_count(), "devices": jax.device_count(),
            "local_devices": jax.local_device_count(), "du": np.asarray(du).tolist(),
            "theta": np.asarray(th).tolist(), "hessian": np.asarray(h).tolist()}

@@ -189,7 +189,7 @@ def product(*axes: PyTree) -> tuple[PyTree, ...]:
     )
 
 
-def dense_hessian(
+def sharded_dense_hessian(
     loss_fn: Callable[[jax.Array], jax.Array],
     theta: jax.Array,
     chunk_size: int | None = 256,
@@ -244,11 +244,11 @@ def shard_info(x: jax.Array) -> dict:
 
 __all__ = [
     "AXIS",
-    "dense_hessian",
     "device_mesh",
     "initialize",
     "product",
     "shard_info",
+    "sharded_dense_hessian",
     "sweep",
     "to_host",
 ]

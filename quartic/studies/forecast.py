@@ -107,10 +107,10 @@ def peer_estimate(t, gamma_fisher: float, eps_fisher: float, lambda_min: float):
 
 
 # ----------------------------------------------------------------------------------------------
-# Diagnosis at a point (jit- and vmap-compatible)
+# What a forecast needs at a point (jit- and vmap-compatible)
 
 
-class Diagnosis(NamedTuple):
+class ForecastInputs(NamedTuple):
     """What a one-shot forecast needs from a point θ.
 
     ``forecast`` (:class:`quartic.core.theory.Forecast` at θ), ``eigenvalues [d]`` (top of the
@@ -126,7 +126,7 @@ class Diagnosis(NamedTuple):
     lambda_max_ft: jax.Array
 
     @classmethod
-    def from_report(cls, report: aic.AICReport, g=None) -> Diagnosis:
+    def from_report(cls, report: aic.AICReport, g=None) -> ForecastInputs:
         """From :func:`quartic.check_aic` (any size, dense or Lanczos). ``eps_fisher`` needs ``g``
         (``∇L_FT(θ*)``); without it the report's ``ortho_norm`` weighted by λ_1 bounds it."""
         lam = jnp.asarray(report.eigenvalues[: report.rank])
@@ -155,8 +155,8 @@ def forecast_at(align_loss_fn: Callable, ft_loss_fn: Callable, theta: jax.Array)
 
 def diagnose_dense(
     align_loss_fn: Callable, ft_loss_fn: Callable, theta: jax.Array, rank: int
-) -> Diagnosis:
-    """:class:`Diagnosis` at θ from the dense Hessians (small n; jit/vmap-compatible)."""
+) -> ForecastInputs:
+    """:class:`ForecastInputs` at θ from the dense Hessians (small n; jit/vmap-compatible)."""
     n = theta.shape[0]
     if not 1 <= rank < n:
         raise QuarticError(f"rank must satisfy 1 <= rank < n={n}, got {rank}")
@@ -168,7 +168,7 @@ def diagnose_dense(
     grad_a = jax.grad(align_loss_fn)(theta)
     hg = h_ft @ g
     fc = theory.Forecast.from_vectors(grad_a, lambda x: h_a @ x, g, hg)
-    return Diagnosis(
+    return ForecastInputs(
         fc,
         lam,
         measure.fisher_norm(lam, basis, hg),
@@ -185,8 +185,8 @@ def diagnose_lanczos(
     rank: int,
     lambda_max_ft,
     num_iters: int | None = None,
-) -> Diagnosis:
-    """:class:`Diagnosis` at θ by Lanczos on the exact Hessian of L_A (any n; jit-compatible):
+) -> ForecastInputs:
+    """:class:`ForecastInputs` at θ by Lanczos on the exact Hessian of L_A (any n; jit-compatible):
     M and its eigenvalues from ``num_iters`` HVPs (default ``min(n, 3·rank + 10)``, cold start,
     :func:`quartic.core.subspace.sensitive_subspace`), plus the 3 HVPs of the forecast. ``lambda_max_ft``
     is passed in (the caller needs it first, for the step size)."""
@@ -196,7 +196,7 @@ def diagnose_lanczos(
     grad_a = jax.grad(align_loss_fn)(theta)
     hg = curvature.hvp(ft_loss_fn, theta, g)
     fc = theory.Forecast.from_vectors(grad_a, curvature.hvp_fn(align_loss_fn, theta), g, hg)
-    return Diagnosis(
+    return ForecastInputs(
         fc,
         lam,
         measure.fisher_norm(lam, basis, hg),
@@ -383,7 +383,7 @@ def polynomial_time(coefficients, threshold: float, t_max: float, num: int = 400
 
 def predictions(
     run: CheckedRun,
-    diagnosis: Diagnosis,
+    diagnosis: ForecastInputs,
     lr: float,
     threshold: float,
     lead: float = 0.5,
@@ -488,7 +488,7 @@ def forecast_crossing(
     if report is None:
         report = aic.check_aic(align_loss_fn, ft_loss_fn, theta_star, rank, method=method)
     g = jax.grad(ft_loss_fn)(theta_star)
-    diag = Diagnosis.from_report(report, g)
+    diag = ForecastInputs.from_report(report, g)
     num_checks = -(-num_steps // check_every)
     run = jax.jit(
         lambda th: simulate_with_checks(align_loss_fn, ft_loss_fn, th, lr, num_checks, check_every)
