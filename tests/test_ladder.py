@@ -45,8 +45,8 @@ def test_ladder_exponents_on_the_quadratic_family(exp, cfg, seed):
             assert r["max_abs_delta_u"] <= r["machine_bound"] < 1e-28, name
             continue
         assert len(r["onset_window"]) == 2
-        assert abs(r["onset_measured"] - onset) < 0.1, (name, r["onset_measured"])
-        assert abs(r["onset_measured"] - onset) < 0.02, (name, r["onset_measured"])  # wide margin
+        # measured deviations 1e-5 .. 1.8e-3 (the leak's t⁴ term): about 3× the largest
+        assert abs(r["onset_measured"] - onset) < 0.005, (name, r["onset_measured"])
         if late is None:
             continue
         lo, hi = r["window_predicted"]
@@ -207,7 +207,10 @@ def test_ablation_ladder_smoke(tmp_path, monkeypatch, exp, cfg):
     assert {k: curved[k]["onset_predicted"] for k in expect} == expect
     assert curved["phg_zero"]["ladder_predicted"] == 6
     assert summary["curved_max_exponent_error"] < 0.1
-    assert 0.0 <= summary["phase_agreement_taylor"] <= 1.0
+    # the 3 × 3 phase diagram: every cell's measured onset agrees with the Taylor boundary
+    # (1.0 measured), and a disagreement anywhere must sit next to the boundary
+    assert summary["phase_agreement_taylor"] == 1.0
+    assert summary["phase_disagreements_next_to_boundary_taylor"] is True
     assert summary["phase"]["0"]["taylor"]["num_cells"] == 9
     assert len(RunDir(tmp_path).read_metrics()) > 0
     paths = mod.plot(tmp_path, tmp_path)
