@@ -302,7 +302,7 @@ class RunDir:
 
 def _check_unit_name(name: str) -> None:
     if not isinstance(name, str) or not _UNIT_NAME.match(name):
-        raise ValueError(
+        raise QuarticError(
             f"unit name {name!r} cannot be a file name: use letters, digits and _ . , = + - "
             "(not first), at most 200 characters"
         )
@@ -464,7 +464,7 @@ def run_sweep(
         _check_unit_name(name)
     if len(set(names)) != len(names):
         dup = sorted({n for n in names if names.count(n) > 1})
-        raise ValueError(f"unit names must be unique; repeated: {', '.join(dup)}")
+        raise QuarticError(f"unit names must be unique; repeated: {', '.join(dup)}")
 
     run_dir = RunDir(out_dir)
     run_dir.units_dir.mkdir(parents=True, exist_ok=True)

@@ -45,6 +45,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from quartic.core.errors import QuarticError
+
 __all__ = [
     "PRESETS",
     "BaseParam",
@@ -110,22 +112,22 @@ class TransformerConfig:
     def __post_init__(self):
         for name in ("vocab_size", "seq_len", "d_model", "n_heads", "n_layers", "d_ff"):
             if int(getattr(self, name)) < 1:
-                raise ValueError(
+                raise QuarticError(
                     f"TransformerConfig.{name} must be >= 1, got {getattr(self, name)}"
                 )
         if self.d_model % self.n_heads:
-            raise ValueError(
+            raise QuarticError(
                 f"d_model={self.d_model} is not divisible by n_heads={self.n_heads}: "
                 "choose d_model as a multiple of n_heads"
             )
         if self.n_classes is not None and self.n_classes < 2:
-            raise ValueError(f"n_classes must be None or >= 2, got {self.n_classes}")
+            raise QuarticError(f"n_classes must be None or >= 2, got {self.n_classes}")
         if self.pooling not in ("mean", "last"):
-            raise ValueError(f"pooling must be 'mean' or 'last', got {self.pooling!r}")
+            raise QuarticError(f"pooling must be 'mean' or 'last', got {self.pooling!r}")
         if self.lora_rank < 0:
-            raise ValueError(f"lora_rank must be >= 0, got {self.lora_rank}")
+            raise QuarticError(f"lora_rank must be >= 0, got {self.lora_rank}")
         if self.param_dtype not in ("float32", "float64"):
-            raise ValueError(
+            raise QuarticError(
                 f"param_dtype must be 'float32' or 'float64', got {self.param_dtype!r}"
             )
 
@@ -159,7 +161,7 @@ class TransformerConfig:
         (e.g. a vocabulary so large that the embeddings alone exceed it).
         """
         if name not in PRESETS:
-            raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
+            raise QuarticError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
         target, n_layers, n_heads, ff_mult = PRESETS[name]
         fixed = {"n_layers": n_layers, "n_heads": n_heads}
         for key in ("n_layers", "n_heads"):
@@ -167,7 +169,9 @@ class TransformerConfig:
                 fixed[key] = overrides.pop(key)
         for key in ("d_model", "d_ff"):
             if key in overrides:
-                raise ValueError(f"preset chooses {key}; build TransformerConfig directly instead")
+                raise QuarticError(
+                    f"preset chooses {key}; build TransformerConfig directly instead"
+                )
         best, best_err = None, math.inf
         h = fixed["n_heads"]
         for d in range(h, 2048 + 1, h):
@@ -183,7 +187,7 @@ class TransformerConfig:
             if err < best_err:
                 best, best_err = cfg, err
         if best_err > 0.3:
-            raise ValueError(
+            raise QuarticError(
                 f"preset {name!r} cannot reach ~{target} parameters with vocab_size={vocab_size}, "
                 f"seq_len={seq_len} (closest: {count_params(best, include_lora=False)}); "
                 "use a larger preset or build TransformerConfig directly"
@@ -349,7 +353,7 @@ class Transformer(nnx.Module):
 
     def __init__(self, config: TransformerConfig, *, rngs: nnx.Rngs):
         if config.param_dtype == "float64" and not jax.config.jax_enable_x64:
-            raise ValueError(
+            raise QuarticError(
                 "param_dtype='float64' needs 64-bit JAX: call "
                 "jax.config.update('jax_enable_x64', True) before building the model"
             )
@@ -389,7 +393,7 @@ class Transformer(nnx.Module):
         Returns ``[B, T, V]`` (LM head) or ``[B, n_classes]`` (classifier head).
         """
         if x.ndim != 3 or x.shape[-1] != self.config.d_model:
-            raise ValueError(
+            raise QuarticError(
                 f"embeddings must be [batch, seq, {self.config.d_model}], got {x.shape}"
             )
         b, t, _ = x.shape
@@ -397,7 +401,7 @@ class Transformer(nnx.Module):
             mask = jnp.ones((b, t), bool)
         else:
             if tokens_mask.shape != (b, t):
-                raise ValueError(f"tokens_mask must be [{b}, {t}], got {tokens_mask.shape}")
+                raise QuarticError(f"tokens_mask must be [{b}, {t}], got {tokens_mask.shape}")
             mask = tokens_mask.astype(bool)
         for block in self.blocks:
             x = block(x, mask)
@@ -419,11 +423,11 @@ class Transformer(nnx.Module):
 
     def _check_tokens(self, tokens: jax.Array) -> None:
         if tokens.ndim != 2:
-            raise ValueError(f"tokens must be int [batch, seq], got shape {tokens.shape}")
+            raise QuarticError(f"tokens must be int [batch, seq], got shape {tokens.shape}")
         if not jnp.issubdtype(tokens.dtype, jnp.integer):
-            raise ValueError(f"tokens must be integers, got {tokens.dtype}")
+            raise QuarticError(f"tokens must be integers, got {tokens.dtype}")
         if tokens.shape[1] > self.config.seq_len:
-            raise ValueError(
+            raise QuarticError(
                 f"sequence length {tokens.shape[1]} exceeds config.seq_len={self.config.seq_len}"
             )
 
@@ -448,7 +452,7 @@ def functional(
     graphdef, state, rest = nnx.split(model, wrt, ...)
     params = nnx.to_pure_dict(state)
     if not jax.tree.leaves(params):
-        raise ValueError(f"the filter {wrt!r} selects no parameter of this model")
+        raise QuarticError(f"the filter {wrt!r} selects no parameter of this model")
 
     def apply_fn(params: dict, *args, **kwargs):
         m = nnx.merge(graphdef, params, rest, copy=True)
@@ -462,7 +466,7 @@ def update_params(model: nnx.Module, params: dict, wrt: Any = nnx.Param) -> None
     state = nnx.state(model, wrt)
     expected = jax.tree.structure(nnx.to_pure_dict(state))
     if jax.tree.structure(params) != expected:
-        raise ValueError(
+        raise QuarticError(
             "params do not have the structure of the model's selected variables; "
             "were they made by functional(model, wrt) with the same wrt and config?"
         )
