@@ -308,7 +308,9 @@ def task_law(
         r = reports[name]
         du = np.asarray(obs[f"du_{name}"])
         fc = np.asarray(r.forecast.flow(ts))
-        order, coef = onset.onset(rtol=1e-6)
+        # relative to the largest coefficient: on the refusal loss this calls c₁ = −∇L_Aᵀg (small
+        # but not 0) zero; the default time-scaled rule would report onset 1
+        order, coef = onset.onset(rtol=1e-6, scale="largest")
         u_star = float(setup.align_value(name, setup.theta))
         errors = forecast_errors(ts, du, fc, np.asarray(r.forecast.taylor()), u_star)
         ok = (ts * lam <= 0.1) & errors["resolved"]
