@@ -214,7 +214,9 @@ class TaylorOnset(NamedTuple):
         n1, n2 = np.linalg.norm(d[0]), np.linalg.norm(d[1])
         return float(n1 / n2) if n1 > 0 and n2 > 0 and np.isfinite(n1 / n2) else 1.0
 
-    def onset(self, rtol: float = 1e-8, atol: float | None = None) -> tuple[int | None, float]:
+    def onset(
+        self, rtol: float = 1e-8, atol: float | None = None, scale: str = "time"
+    ) -> tuple[int | None, float]:
         """The true onset order (the first coefficient that is not zero) and its value.
 
         ``atol`` given: ``c_k`` is zero when ``|c_k| ≤ atol`` (an absolute scale the caller knows,
@@ -222,13 +224,17 @@ class TaylorOnset(NamedTuple):
         Otherwise each term is measured at the flow's time scale τ (:meth:`time_scale`): ``c_k`` is
         zero when ``|c_k| τ^k ≤ rtol · max_j |c_j| τ^j``. The terms ``c_k τ^k`` all have the units of
         L_A and do not grow with k like ``λ_max(H)^k``, so raising the order of the expansion does
-        not turn a genuine low-order coefficient into "zero".
+        not turn a genuine low-order coefficient into "zero". ``scale="largest"`` is the rule
+        relative to the largest coefficient, unscaled (its answer can change with the order).
         """
+        if scale not in ("time", "largest"):
+            raise QuarticError(f"scale must be 'time' or 'largest', got {scale!r}")
         c = np.asarray(self.coefficients, dtype=float)
         if atol is not None:
             nz = np.nonzero(np.abs(c) > atol)[0]
         else:
-            terms = np.abs(c) * self.time_scale() ** np.arange(1, c.shape[0] + 1)
+            tau = self.time_scale() if scale == "time" else 1.0
+            terms = np.abs(c) * tau ** np.arange(1, c.shape[0] + 1)
             scale = terms.max()
             if scale == 0:
                 return None, 0.0
