@@ -474,6 +474,15 @@ class Parser(argparse.ArgumentParser):
         raise _UsageError(f"{message} (see '{self.prog} --help')")
 
 
+def _add_results_args(p: argparse.ArgumentParser, full_help: str, only_order: bool) -> None:
+    """The options `reproduce` and `figures` share: which experiments, which results, where."""
+    p.add_argument("--full", action="store_true", help=full_help)
+    only = "only these experiments" + (", in this order" if only_order else "")
+    p.add_argument("--only", metavar="NAME,...", help=only)
+    p.add_argument("--out", help="results root (default results/quick, or results with --full)")
+    p.add_argument("--figures", default="figures", help="figures folder (default figures)")
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = Parser(prog="quartic", description="Run and reproduce the quartic experiments.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -494,17 +503,11 @@ def _parser() -> argparse.ArgumentParser:
     p.set_defaults(fn=_cmd_run)
 
     p = sub.add_parser("reproduce", help="run every experiment and print the summary table")
-    p.add_argument("--full", action="store_true", help="full-scale configs (default: quick)")
-    p.add_argument("--only", metavar="NAME,...", help="only these experiments, in this order")
-    p.add_argument("--out", help="results root (default results/quick, or results with --full)")
-    p.add_argument("--figures", default="figures", help="figures folder (default figures)")
+    _add_results_args(p, full_help="full-scale configs (default: quick)", only_order=True)
     p.set_defaults(fn=_cmd_reproduce)
 
     p = sub.add_parser("figures", help="redraw the figures from saved results only")
-    p.add_argument("--full", action="store_true", help="use results/ (default results/quick)")
-    p.add_argument("--only", metavar="NAME,...", help="only these experiments")
-    p.add_argument("--out", help="results root (default results/quick, or results with --full)")
-    p.add_argument("--figures", default="figures", help="figures folder (default figures)")
+    _add_results_args(p, full_help="use results/ (default results/quick)", only_order=False)
     p.set_defaults(fn=_cmd_figures)
 
     sub.add_parser("diagnose", help="diagnose a model checkpoint (see `quartic diagnose --help`)")
