@@ -10,6 +10,7 @@ from __future__ import annotations
 import ast
 import importlib
 import inspect
+import json
 import pathlib
 import re
 
@@ -89,7 +90,7 @@ def _function_refs():
     out = set()
     for code in CODE.findall(page.read_text()):
         name = code.split("(")[0].strip()
-        if re.fullmatch(r"[a-z_]+(\.[A-Za-z_][A-Za-z0-9_]*)+", name):
+        if re.fullmatch(r"[a-z_]+(\.[A-Za-z_][A-Za-z0-9_]*)+", name) and not name.endswith(".md"):
             if name.split(".")[0] in QUARTIC_MODULES:
                 out.add(name)
     return sorted(out)
@@ -102,3 +103,98 @@ def test_theory_map_cites_functions():
 @pytest.mark.parametrize("name", _function_refs())
 def test_theory_map_functions_exist(name):
     assert _resolve(name), f"docs/theory_map.md cites quartic.{name}, which does not exist"
+
+
+# ----------------------------------------------------------------------------------------------
+# Every number of a results table is in a committed summary file.
+#
+# A results table (README.md, docs/results.md) has a column "source" naming, for each number of
+# its "measured" cell, the key it comes from: `NAME:dotted.key` in results/quick/NAME/summary.json
+# (list items by index: `curved.0.c4_over_paper`). The cell's numbers and the keys pair up in
+# order; each number must equal the key's value rounded to the digits the table shows.
+
+RESULTS = ROOT / "results" / "quick"
+NUMBER = re.compile(r"[−-]?\d+(?:\.\d+)?(?:e[−-]?\d+)?")
+SOURCE_PAGES = [ROOT / "README.md", ROOT / "docs" / "results.md"]
+
+
+def _table_rows(page: pathlib.Path):
+    """``(page, measured_cell, source_cell)`` for each row of each table with a source column."""
+    rows, header = [], None
+    for line in page.read_text().splitlines():
+        if not line.startswith("|"):
+            header = None
+            continue
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if header is None:
+            header = [c.lower() for c in cells]
+            continue
+        if set(line) <= set("|-: "):
+            continue
+        if "source" in header and "measured" in header:
+            rows.append((page.name, cells[header.index("measured")], cells[header.index("source")]))
+    return rows
+
+
+def _lookup(ref: str):
+    name, _, dotted = ref.partition(":")
+    data = json.loads((RESULTS / name / "summary.json").read_text())
+    parts = dotted.split(".")
+    while parts:  # a key may itself hold a dot (`..._tl_le_0.1`): take the longest that exists
+        for k in range(len(parts), 0, -1):
+            key = ".".join(parts[:k])
+            if isinstance(data, list) and key.isdigit():
+                data, parts = data[int(key)], parts[k:]
+                break
+            if isinstance(data, dict) and key in data:
+                data, parts = data[key], parts[k:]
+                break
+        else:
+            raise KeyError(f"{ref}: no key {parts[0]!r} in results/quick/{name}/summary.json")
+    return data
+
+
+def _matches(shown: str, value: float) -> bool:
+    shown = shown.replace("−", "-")
+    if "e" in shown:
+        mantissa = shown.split("e")[0]
+        digits = len(mantissa.split(".")[1]) if "." in mantissa else 0
+        return float(f"{value:.{digits}e}") == float(shown)
+    digits = len(shown.split(".")[1]) if "." in shown else 0
+    return f"{value:.{digits}f}" == f"{float(shown):.{digits}f}"
+
+
+def _source_rows():
+    return [row for page in SOURCE_PAGES if page.exists() for row in _table_rows(page)]
+
+
+def test_results_tables_have_sources():
+    assert len(_source_rows()) >= 10  # the pattern finds the tables' rows
+
+
+@pytest.mark.parametrize("page, measured, source", _source_rows(), ids=lambda x: str(x)[:40])
+def test_results_numbers_are_in_committed_summaries(page, measured, source):
+    refs = re.findall(r"`([a-z_]+:[\w./=]+)`", source)
+    numbers = NUMBER.findall(measured.replace(",", ""))
+    assert refs and len(refs) == len(numbers), f"{page}: {measured!r} vs sources {refs}"
+    for shown, ref in zip(numbers, refs, strict=True):
+        value = _lookup(ref)
+        assert _matches(shown, float(value)), f"{page}: {shown} shown, {ref} = {value}"
+
+
+MD_REF = re.compile(r"(?<![\w./-])((?:[\w.-]+/)*[\w-]+\.md)\b")
+
+
+def _md_refs():
+    out = set()
+    for page in PAGES:
+        for ref in MD_REF.findall(page.read_text()):
+            out.add((page.name, ref, page.parent.name))
+    return sorted(out)
+
+
+@pytest.mark.parametrize("page, ref, folder", _md_refs(), ids=lambda x: str(x))
+def test_cited_markdown_pages_exist(page, ref, folder):
+    here = ROOT / "docs" if folder == "docs" else ROOT
+    found = (ROOT / ref).exists() or (here / ref).exists()
+    assert found, f"{page} cites {ref}, which does not exist"
