@@ -108,7 +108,8 @@ def test_jitted_trajectory_compiles_once_across_problems():
 
 
 def test_train_step_compiles_once_across_calls():
-    training = pytest.importorskip("quartic.studies.training")
+    from quartic.studies import training
+
     x = jax.random.normal(jax.random.PRNGKey(0), (64, 4), jnp.float64)
     data = {"x": x, "y": jnp.sin(x[:, 0])}
 
