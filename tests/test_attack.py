@@ -24,6 +24,7 @@ from quartic.studies.transfer.attack import (
     make_attack_fn,
     max_perturbed_words,
     synonym_table,
+    wir_order,
 )
 from quartic.studies.transfer.robustness_metrics import robustness_metrics
 from quartic.tasks.synonyms import (
@@ -178,6 +179,50 @@ def test_misclassified_examples_are_skipped():
     np.testing.assert_array_equal(r.adv_probs[0], r.clean_probs[0])
 
 
+def test_deletion_ranking_known_order_and_queries():
+    """Deleting a word ranks by its contribution w_pos[t] E[token], the gradient by |w_pos[t]|:
+    here the two orders differ, and the deletion attack pays one query per ranked position."""
+    scores = np.zeros(V_HAND)
+    scores[[4, 5, 6, 7, 8]] = [1.0, 0.8, -1.5, 0.3, 0.4]
+    w_pos = np.array([1.0, 1.0, 1.0, 2.0, 1.0])
+    tokens = [[1, 4, 2, 7, 0]]
+    # z = 1 + 2 * 0.3 = 1.6. Without position 1: z = 0.6; without position 3: z = 1.0.
+    order, n_eligible, drop, _ = wir_order(
+        bag_params(scores, w_pos), jnp.asarray(tokens, jnp.int32), jnp.array([1], jnp.int32),
+        hand_table(), embed_fn, logits_fn,
+    )  # fmt: skip
+    assert order[0, :2].tolist() == [1, 3] and int(n_eligible[0]) == 2
+    sig = lambda z: 1.0 / (1.0 + math.exp(-z))  # noqa: E731
+    np.testing.assert_allclose(
+        [drop[0, 1], drop[0, 3]], [sig(1.6) - sig(0.6), sig(1.6) - sig(1.0)], rtol=1e-12
+    )
+    # 2 ranking queries, then position 1: 4 -> 6 gives z = -0.9 (flip) after 2 candidates.
+    r = run(tokens, [1], scores, w_pos, method="wir")
+    assert int(r.status[0]) == SUCCEEDED and r.adv_tokens[0].tolist() == [1, 6, 2, 7, 0]
+    assert int(r.queries[0]) == 4 and int(r.n_perturbed[0]) == 1
+    # A2T on the same example visits position 3 first (7 -> 8 raises z: not kept, 1 query).
+    r = run(tokens, [1], scores, w_pos)
+    assert int(r.status[0]) == SUCCEEDED and int(r.queries[0]) == 3
+
+
+@pytest.mark.parametrize(
+    ("budget", "status", "queries", "adv"),
+    [
+        (1, FAILED, 1, [1, 4, 2, 7, 0]),  # the ranking alone spends the budget: nothing changes
+        (2, FAILED, 2, [1, 4, 2, 7, 0]),
+        (3, FAILED, 3, [1, 5, 2, 7, 0]),  # one candidate left: 4 -> 5 lowers z, no flip
+        (4, SUCCEEDED, 4, [1, 6, 2, 7, 0]),
+    ],
+)
+def test_deletion_attack_budget_binds_when_lowered(budget, status, queries, adv):
+    scores = np.zeros(V_HAND)
+    scores[[4, 5, 6, 7, 8]] = [1.0, 0.8, -1.5, 0.3, 0.4]
+    tokens = [[1, 4, 2, 7, 0]]
+    r = run(tokens, [1], scores, [1.0, 1.0, 1.0, 2.0, 1.0], method="wir", query_budget=budget)
+    assert (int(r.status[0]), int(r.queries[0])) == (status, queries)
+    assert r.adv_tokens[0].tolist() == adv
+
+
 # ---------------------------------------------------------------------------------------------
 # Random worlds: every constraint, and agreement with a one-example-at-a-time Python oracle.
 
@@ -198,7 +243,8 @@ def world():
 
 
 def reference_attack(params, tokens, label, lang, config):
-    """The attack of the module docstring, written plainly for one example."""
+    """The attack of the module docstring, written plainly for one example: A2T, or the deletion
+    ranking (``config.method == "wir"``) whose masked sequences are queries."""
     e = np.asarray(params["E"])[:, 0]
     w = np.asarray(params["w_pos"])
     b = float(params["bias"])
@@ -214,8 +260,18 @@ def reference_attack(params, tokens, label, lang, config):
     cap = max(config.min_perturb_words, -(-n_words // 10))
     budget = config.query_budget if config.query_budget is not None else 10**9
     eligible = [t for t in range(tok.shape[0]) if lang.is_content[tok[t]]]
-    eligible.sort(key=lambda t: -abs(w[t]))  # saliency = |p1 - y| |w_pos[t]|
     queries = changed = 0
+    if config.method == "wir":
+
+        def without(t):
+            masked = tok.copy()
+            masked[t] = config.mask_token
+            return masked
+
+        eligible.sort(key=lambda t: p_true(without(t)))  # largest drop of p(true) first
+        queries = min(len(eligible), budget)
+    else:
+        eligible.sort(key=lambda t: -abs(w[t]))  # saliency = |p1 - y| |w_pos[t]|
     for t in eligible:
         if queries >= budget or changed >= cap:
             break
@@ -236,14 +292,20 @@ def reference_attack(params, tokens, label, lang, config):
     return tok, FAILED, queries, changed
 
 
-@pytest.mark.parametrize("budget", [80, 7, None])
-def test_batched_attack_matches_oracle_and_respects_constraints(world, budget):
+@pytest.mark.parametrize(
+    ("method", "budget"),
+    [("a2t", 80), ("a2t", 7), ("a2t", None), ("wir", 80), ("wir", 20), ("wir", 7), ("wir", None)],
+)
+def test_batched_attack_matches_oracle_and_respects_constraints(world, method, budget):
     lang, test, table, params = world
-    config = AttackConfig(query_budget=budget)
+    config = AttackConfig(query_budget=budget, method=method)
     r = jitted(config)(params, test["tokens"], test["labels"], table)
     tokens = np.asarray(test["tokens"])
     adv = np.asarray(r.adv_tokens)
-    assert set(np.asarray(r.status).tolist()) >= {SKIPPED, SUCCEEDED, FAILED}
+    statuses = set(np.asarray(r.status).tolist())
+    # (7 queries barely pay for the deletion ranking: no example is flipped within them)
+    full = {SKIPPED, SUCCEEDED, FAILED}
+    assert statuses >= ({SKIPPED, FAILED} if (method, budget) == ("wir", 7) else full)
     for i in range(tokens.shape[0]):
         ref_tok, ref_status, ref_q, ref_n = reference_attack(
             params, tokens[i], int(test["labels"][i]), lang, config
@@ -266,6 +328,15 @@ def test_batched_attack_matches_oracle_and_respects_constraints(world, budget):
     np.testing.assert_allclose(r.adv_probs, jax.nn.softmax(logits, axis=-1), rtol=1e-12)
     flipped = np.argmax(np.asarray(r.adv_probs), axis=1) != np.asarray(test["labels"])
     np.testing.assert_array_equal(flipped, np.asarray(r.status) != FAILED)
+    if budget is not None and budget < 80:
+        # this budget binds: some example ends otherwise than without a limit
+        free = jitted(AttackConfig(query_budget=None, method=method))(
+            params, test["tokens"], test["labels"], table
+        )
+        assert (np.asarray(free.queries) > budget).any()
+        assert (np.asarray(free.status) != np.asarray(r.status)).any() or (
+            np.asarray(free.adv_tokens) != adv
+        ).any()
 
 
 def test_batched_equals_one_by_one_and_compiles_once(world):
@@ -377,9 +448,10 @@ def test_metrics_on_known_counts():
     assert set(m.as_dict()) >= {"clean_accuracy", "attack_success_rate", "mean_queries"}
 
 
-def test_aua_equals_oacc_times_one_minus_asr_on_real_attack(world):
+@pytest.mark.parametrize("method", ["a2t", "wir"])
+def test_aua_equals_oacc_times_one_minus_asr_on_real_attack(world, method):
     _, test, table, params = world
-    r = jitted(AttackConfig())(params, test["tokens"], test["labels"], table)
+    r = jitted(AttackConfig(method=method))(params, test["tokens"], test["labels"], table)
     m = robustness_metrics(r)
     correct = np.argmax(np.asarray(r.clean_probs), 1) == np.asarray(test["labels"])
     assert m.clean_accuracy == correct.mean()
@@ -416,6 +488,8 @@ def test_metrics_empty_denominators_are_nan_and_counts_say_why():
         ({"max_perturb_rate": 0.0}, "max_perturb_rate"),
         ({"max_perturb_rate": 1.5}, "max_perturb_rate"),
         ({"min_perturb_words": -1}, "min_perturb_words"),
+        ({"method": "textfooler"}, "method"),
+        ({"mask_token": -1}, "mask_token"),
     ],
 )
 def test_bad_attack_config_raises(kwargs, name):

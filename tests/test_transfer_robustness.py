@@ -235,6 +235,33 @@ def test_synonym_rewrite_keeps_concepts(small_lang):
 def test_budget_that_cannot_bind_is_unlimited():
     assert tr.budget_is_unlimited(None, 20, 5)
     assert tr.budget_is_unlimited(100, 20, 5) and not tr.budget_is_unlimited(99, 20, 5)
+    # the deletion ranking scores up to 20 masked sequences first
+    assert tr.budget_is_unlimited(120, 20, 5, "wir") and not tr.budget_is_unlimited(
+        119, 20, 5, "wir"
+    )
+
+
+def test_second_attack_through_the_pipeline(tiny_run, tmp_path):
+    """The deletion-ranked attack as the study's attack (cached models of the tiny run): the same
+    fine-tuned models and clean accuracy, its own ASR, AUA = OAcc (1 - ASR) from the counts, and
+    every budget respected."""
+    config, out, _ = tiny_run
+    wir = dataclasses.replace(config, attack_method="wir")
+    args = (out, "surface", "2k", "encoder", "full", "political")
+    rec_a2t = pipeline.target_unit(config, *args)
+    rec = pipeline.target_unit(wir, *args)
+    for s, s_a2t in zip(rec["per_seed"], rec_a2t["per_seed"], strict=True):
+        assert s["test_accuracy"] == s_a2t["test_accuracy"]
+        for name in ("80", "2", "unlimited"):
+            m = s["attacks"][name]
+            assert m["clean_accuracy"] == s_a2t["attacks"][name]["clean_accuracy"]
+            assert m["accuracy_under_attack"] == pytest.approx(
+                m["clean_accuracy"] * (1 - m["attack_success_rate"]), abs=1e-12
+            )
+        assert s["attacks"]["80"]["identical_to_unlimited"] is True  # 80 >= 12 * 3 + 12
+        assert s["attacks"]["2"]["mean_queries"] <= 2
+    with pytest.raises(QuarticError, match="method"):
+        tiny_config(attack_method="textfooler")
 
 
 def test_bow_logistic_is_the_exact_penalised_optimum():

@@ -29,6 +29,19 @@ tokens with ``table.is_word`` (for the synonym language: content and filler toke
 
 Examples the model already misclassifies are *skipped*: not attacked, zero queries.
 
+**A second attack with the same constraints** (``AttackConfig(method="wir")``; the ranking is
+:func:`wir_order`): greedy word importance by deletion, in the style of TextFooler (Jin et al.
+2020) and TextAttack's ``GreedyWordSwapWIR(wir_method="delete")``. Step 1 is replaced: each
+eligible position ``t`` is masked (its token replaced by ``config.mask_token``, ``PAD`` for the
+synonym language, which the models exclude from attention, so the word is deleted) and the
+positions are ranked by the drop ``p(true | x) − p(true | x without t)``, largest first, ties to
+the earlier position. The ranking is computed from log-probabilities, which order the positions
+as the probabilities do and still separate them when a confident model rounds them to 1. Each
+masked sequence is a model query, so the ranking spends one query per eligible position (as in
+TextAttack; when the budget is smaller than that, the example fails with the whole budget spent
+and no word changed). Step 2 and 3, the word cap, the stop words, each position at most once and
+the candidate query accounting are exactly A2T's (the same code).
+
 Model interface (generic, no model class is assumed)::
 
     embed_fn(params, tokens: int32[B, T]) -> emb: [B, T, D]
@@ -67,6 +80,7 @@ from quartic.core.errors import QuarticError
 
 __all__ = [
     "FAILED",
+    "METHODS",
     "SKIPPED",
     "SUCCEEDED",
     "AttackConfig",
@@ -78,7 +92,11 @@ __all__ = [
     "make_attack_fn",
     "max_perturbed_words",
     "synonym_table",
+    "wir_order",
 ]
+
+#: Attacks of :class:`AttackConfig`: ``"a2t"`` (gradient ranking) and ``"wir"`` (deletion ranking).
+METHODS = ("a2t", "wir")
 
 PyTree = Any
 EmbedFn = Callable[[PyTree, jax.Array], jax.Array]
@@ -101,12 +119,18 @@ class AttackConfig:
         limit.
       max_perturb_rate: fraction of the words that may change, in ``(0, 1]``.
       min_perturb_words: the cap is never below this many words (A2T: 4).
+      method: ``"a2t"`` (rank positions by gradient) or ``"wir"`` (rank by the drop in the
+        true-class probability when the word is deleted), see the module docstring.
+      mask_token: the token id that deletes a word for ``"wir"`` (``PAD``, excluded from
+        attention by the models).
     """
 
     max_candidates: int = 20
     query_budget: int | None = 80
     max_perturb_rate: float = 0.1
     min_perturb_words: int = 4
+    method: str = "a2t"
+    mask_token: int = 0
 
     def __post_init__(self):
         if self.max_candidates < 1:
@@ -122,6 +146,10 @@ class AttackConfig:
             )
         if self.min_perturb_words < 0:
             raise QuarticError(f"min_perturb_words={self.min_perturb_words}: must be >= 0.")
+        if self.method not in METHODS:
+            raise QuarticError(f"method={self.method!r}: choose one of {METHODS}.")
+        if self.mask_token < 0:
+            raise QuarticError(f"mask_token={self.mask_token}: must be a token id (>= 0).")
 
 
 class SynonymTable(NamedTuple):
@@ -248,6 +276,46 @@ def importance_order(
     return order, n_eligible, saliency, logits
 
 
+def wir_order(
+    params: PyTree,
+    tokens: jax.Array,
+    labels: jax.Array,
+    table: SynonymTable,
+    embed_fn: EmbedFn,
+    logits_fn: LogitsFn,
+    max_candidates: int | None = None,
+    mask_token: int = 0,
+) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+    """Deletion word-importance ranking (TextFooler / TextAttack ``wir_method="delete"``).
+
+    Every position ``t`` of every example is masked (``mask_token``) in one forward of ``B * T``
+    rows; eligible positions (perturbable with >= 1 candidate) are ordered by decreasing drop of
+    the true-class probability, read from the masked log-probability (the same order), ties to
+    the earlier position.
+
+    Returns:
+      ``(order, n_eligible, drop, logits)`` as :func:`importance_order`: ``order`` ``int32[B, T]``
+      eligible positions first; ``n_eligible`` ``int32[B]``; ``drop [B, T]`` is
+      ``p(true | x) − p(true | x with t masked)`` (ineligible positions included); ``logits``
+      ``[B, C]`` are the clean logits.
+    """
+    cand = table.candidates[:, :max_candidates]
+    b, t = tokens.shape
+    logits = logits_fn(params, embed_fn(params, tokens), tokens)
+    masked = jnp.where(jnp.eye(t, dtype=bool)[None], jnp.int32(mask_token), tokens[:, None, :])
+    flat = masked.reshape(b * t, t)  # row (i, s): example i with position s masked
+    masked_logp = jax.nn.log_softmax(logits_fn(params, embed_fn(params, flat), flat), axis=-1)
+    masked_true = jnp.take_along_axis(masked_logp.reshape(b, t, -1), labels[:, None, None], axis=2)
+    masked_true = masked_true[..., 0]  # [B, T]
+    clean_true = jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1), labels[:, None], axis=1)
+    drop = jnp.exp(clean_true) - jnp.exp(masked_true)
+    eligible = table.perturbable[tokens] & (cand[tokens] >= 0).any(axis=-1)
+    keys = jnp.where(eligible, masked_true, jnp.inf)  # the lower p(true) without t, the larger
+    order = jnp.argsort(keys, axis=1, stable=True).astype(jnp.int32)
+    n_eligible = eligible.sum(axis=1, dtype=jnp.int32)
+    return order, n_eligible, drop, logits
+
+
 def greedy_attack(
     params: PyTree,
     tokens: jax.Array,
@@ -258,7 +326,8 @@ def greedy_attack(
     logits_fn: LogitsFn,
     config: AttackConfig = AttackConfig(),
 ) -> AttackResult:
-    """Attack every example of ``tokens[B, T]`` with true ``labels[B]`` (see the module docstring).
+    """Attack every example of ``tokens[B, T]`` with true ``labels[B]`` (see the module docstring):
+    A2T, or with ``config.method == "wir"`` the deletion-ranked attack under the same constraints.
 
     Jit-compatible (``embed_fn``, ``logits_fn`` and ``config`` static); use ``make_attack_fn``
     for the jitted version.
@@ -273,14 +342,21 @@ def greedy_attack(
     b, t = tokens.shape
     cand_table = table.candidates[:, : config.max_candidates].astype(jnp.int32)
     k = cand_table.shape[1]
-    # An unlimited budget is one that can never bind: at most T positions of K candidates.
-    budget = config.query_budget if config.query_budget is not None else t * k + 1
+    wir = config.method == "wir"
+    # An unlimited budget is one that can never bind: at most T positions of K candidates (and,
+    # for "wir", T masked sequences to rank them).
+    unlimited = t * k + 1 + (t if wir else 0)
+    budget = config.query_budget if config.query_budget is not None else unlimited
 
-    order, n_eligible, _, clean_logits = importance_order(
-        params, tokens, labels, table, embed_fn, logits_fn, config.max_candidates
-    )
+    rank_fn = wir_order if wir else importance_order
+    order, n_eligible, _, clean_logits = rank_fn(
+        params, tokens, labels, table, embed_fn, logits_fn, config.max_candidates,
+        **({"mask_token": config.mask_token} if wir else {}),
+    )  # fmt: skip
     clean_logp = jax.nn.log_softmax(clean_logits, axis=-1)
     correct = jnp.argmax(clean_logp, axis=-1).astype(jnp.int32) == labels
+    # The deletion ranking spends one query per eligible position, at most the budget.
+    ranked = jnp.minimum(n_eligible, budget) if wir else jnp.zeros_like(n_eligible)
     n_words = table.is_word[tokens].sum(axis=1, dtype=jnp.int32)
     cap = max_perturbed_words(n_words, config)
     positions = jnp.arange(t, dtype=jnp.int32)
@@ -337,7 +413,8 @@ def greedy_attack(
 
     zeros = jnp.zeros((b,), jnp.int32)
     status0 = jnp.where(correct, _RUNNING, SKIPPED).astype(jnp.int32)
-    state = settle((jnp.zeros((), jnp.int32), tokens, clean_logp, zeros, zeros, status0))
+    queries0 = jnp.where(correct, ranked, 0).astype(jnp.int32)
+    state = settle((jnp.zeros((), jnp.int32), tokens, clean_logp, queries0, zeros, status0))
     _, adv, adv_logp, queries, n_changed, status = jax.lax.while_loop(keep_going, step, state)
     return AttackResult(
         adv_tokens=adv,

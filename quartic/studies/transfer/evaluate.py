@@ -56,8 +56,12 @@ def attack_models(
     return [AttackResult(*(np.asarray(f)[:, i] for f in res)) for i in range(m)]
 
 
-def budget_is_unlimited(query_budget: int | None, seq_len: int, n_candidates: int) -> bool:
+def budget_is_unlimited(
+    query_budget: int | None, seq_len: int, n_candidates: int, method: str = "a2t"
+) -> bool:
     """Whether a budget can never bind: an example visits each of its at most ``seq_len``
-    positions once with at most ``n_candidates`` candidates, so a budget of ``seq_len *
-    n_candidates`` or more gives exactly the unlimited attack."""
-    return query_budget is None or query_budget >= seq_len * n_candidates
+    positions once with at most ``n_candidates`` candidates (and the ``"wir"`` ranking scores at
+    most ``seq_len`` masked sequences first), so a budget of ``seq_len * n_candidates`` (plus
+    ``seq_len`` for ``"wir"``) or more gives exactly the unlimited attack."""
+    ranking = seq_len if method == "wir" else 0
+    return query_budget is None or query_budget >= seq_len * n_candidates + ranking

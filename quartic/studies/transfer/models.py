@@ -22,7 +22,13 @@ from flax import nnx
 from quartic.core.errors import QuarticError
 from quartic.core.pytree import path_name
 from quartic.harness import checkpoint
-from quartic.models.transformer import PRESETS, Transformer, TransformerConfig, functional
+from quartic.models.transformer import (
+    PRESETS,
+    Transformer,
+    TransformerConfig,
+    count_params,
+    functional,
+)
 
 __all__ = [
     "ARCHS",
@@ -31,6 +37,7 @@ __all__ = [
     "load_params",
     "merge_lora",
     "model_config",
+    "n_trainable",
     "save_params",
     "stack",
     "unstack",
@@ -93,6 +100,16 @@ def _model_fns(cfg: TransformerConfig) -> _ModelFns:
     paths, treedef = jax.tree_util.tree_flatten_with_path(params)
     names = tuple(path_name(p) for p, _ in paths)
     return _ModelFns(call, embed, from_emb, treedef, names)
+
+
+def n_trainable(cfg: TransformerConfig, ft: str) -> int:
+    """Parameters that fine-tuning moves: all of them (``ft="full"``), or the LoRA adapters of
+    every attention and MLP kernel and the classifier head (``ft="lora"``)."""
+    if ft == "full":
+        return count_params(cfg)
+    d, f, r, L = cfg.d_model, cfg.d_ff, cfg.lora_rank, cfg.n_layers
+    head = d * cfg.n_classes + cfg.n_classes
+    return L * (2 * (d * r + r * d) + (d * r + r * f) + (f * r + r * d)) + head
 
 
 def init_params(cfg: TransformerConfig, seed: int) -> dict:

@@ -114,6 +114,7 @@ class StudyConfig:
     budgets: tuple[int, ...] = (80, 500)
     unlimited: bool = True
     max_candidates: int = 20
+    attack_method: str = "a2t"  # or "wir" (deletion word importance), same constraints
     n_attack: int = 300  # first rows of the target test set that are attacked
     # the bridge
     bridge_size: str = "2k"
@@ -180,6 +181,7 @@ class StudyConfig:
         )
         trainer.FitConfig(self.source_steps, self.batch_size, self.lr, self.source_eval_every)
         trainer.FitConfig(self.target_steps, self.batch_size, self.lr, self.target_eval_every)
+        AttackConfig(max_candidates=self.max_candidates, method=self.attack_method)
 
     def data_config(self, setting: str) -> syn.TaskDataConfig:
         surface = setting == "surface"
@@ -427,13 +429,19 @@ def target_unit(config: StudyConfig, out_dir, setting, size, arch, ft, target, s
     # A budget that can never bind gives exactly the unlimited attack: run that once.
     effective = {
         name: None
-        if name == "unlimited" or evaluate.budget_is_unlimited(int(name), config.max_len, n_cand)
+        if name == "unlimited"
+        or evaluate.budget_is_unlimited(int(name), config.max_len, n_cand, config.attack_method)
         else int(name)
         for name in config.budget_names()
     }
     runs = {}
     for budget in dict.fromkeys(effective.values()):
-        ac = AttackConfig(max_candidates=config.max_candidates, query_budget=budget)
+        ac = AttackConfig(
+            max_candidates=config.max_candidates,
+            query_budget=budget,
+            method=config.attack_method,
+            mask_token=syn.PAD,
+        )
         results = evaluate.attack_models(base, params, attacked, table, ac, batch_size=512)
         runs[budget] = [robustness_metrics(r).as_dict() for r in results]
     attacks = {
@@ -464,18 +472,10 @@ def target_unit(config: StudyConfig, out_dir, setting, size, arch, ft, target, s
             "source": source,
             "target": target,
             "n_params": count_params(clf),
-            "n_trainable": _n_trainable(clf, ft),
+            "n_trainable": models.n_trainable(clf, ft),
             "per_seed": per_seed,
         }
     )
-
-
-def _n_trainable(cfg, ft: str) -> int:
-    if ft == "full":
-        return count_params(cfg)
-    d, f, r, L = cfg.d_model, cfg.d_ff, cfg.lora_rank, cfg.n_layers
-    head = d * cfg.n_classes + cfg.n_classes
-    return L * (2 * (d * r + r * d) + (d * r + r * f) + (f * r + r * d)) + head
 
 
 def pretrain_unit(config: StudyConfig, out_dir, size: str, arch: str) -> dict:
