@@ -7,8 +7,9 @@ and gradient descent, fit the exponent on ``t·λ_max(H) ∈ [1e-4, 1e-2]``, and
 (leak → 2, law → 4, PHg = 0 → 6, no coupling → 0) and the curved family (exact Taylor-mode c₄
 against the paper's γ_F²/8, subspace rotation against Davis–Kahan).
 
-    quartic run quartic_law --quick        # about 1 minute on a 2-core CPU
-    -> exponent 4.000 ± 0.000 (flow and GD), ladder 2 / 4 / 6 / 0, curved c₄/(γ_F²/8) ≠ 1
+    quartic run quartic_law --quick
+    -> exponent 3.9990 ± 0.0002 (flow), 4.0021 ± 0.0002 (GD), ladder 1.9999 / 3.9999 / 5.9989 /
+       Δu ≤ 1.1e-38, curved c₄/(γ_F²/8) = 178–338 (results/quick/quartic_law/summary.json)
 """
 
 from __future__ import annotations
