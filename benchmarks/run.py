@@ -48,7 +48,7 @@ from common import (  # noqa: E402
 )
 
 from quartic.core import aic, curvature, dynamics, problems, pytree  # noqa: E402
-from quartic.studies import training  # noqa: E402
+from quartic.core import train as training  # noqa: E402
 
 SECTIONS = ("hvp", "train", "dense", "lanczos", "lanczos_1m", "aic", "sweep", "peers")
 _cache: dict = {}

@@ -10,17 +10,15 @@ import pytest
 from flax import nnx
 from jax.flatten_util import ravel_pytree
 
+from quartic.core import train as training_module
+from quartic.core.train import TrainingDivergedError, minimize_full_batch, train
 from quartic.models import LoRAParam, Transformer, TransformerConfig, count_params, functional
-from quartic.studies import training as training_module
 from quartic.studies.training import (
     AlignConfig,
-    TrainingDivergedError,
     checkpoint_key,
     load_theta_star,
     make_aligned_model,
-    minimize_full_batch,
     save_theta_star,
-    train,
 )
 from quartic.tasks import token_world as tw
 

@@ -18,6 +18,15 @@ from quartic.harness.config import apply_overrides, config_from_dict, config_key
 from quartic.harness.runs import read_json, read_jsonl
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
+#: A folder of experiments for these tests: a tiny deterministic sweep (example_sweep.py).
+FIXTURE_EXPERIMENTS = REPO / "tests" / "fixtures" / "experiments"
+
+
+@pytest.fixture(autouse=True)
+def _fixture_experiments(monkeypatch):
+    """Every test here runs the fixture experiments unless it points elsewhere itself."""
+    monkeypatch.setenv(cli.EXPERIMENTS_ENV, str(FIXTURE_EXPERIMENTS))
+
 
 # --------------------------------------------------------------------------------------------------
 # Overrides.
@@ -173,9 +182,9 @@ def test_unknown_experiment_in_a_real_process(tmp_path):
     "argv, expected",
     [
         (["run", "nope"], "unknown experiment 'nope'"),
-        (["run", "_example_sweep", "--set", "n_units=abc"], "'n_units' expects int, got 'abc'"),
-        (["run", "_example_sweep", "--set", "depth=3"], "unknown config key 'depth' for Config"),
-        (["run", "_example_sweep", "--set", "seed"], "not of the form key=value"),
+        (["run", "example_sweep", "--set", "n_units=abc"], "'n_units' expects int, got 'abc'"),
+        (["run", "example_sweep", "--set", "depth=3"], "unknown config key 'depth' for Config"),
+        (["run", "example_sweep", "--set", "seed"], "not of the form key=value"),
         (["figures", "--out", "missing_results"], "no results folder missing_results"),
         (["reproduce", "--only", "nope"], "unknown experiment 'nope'"),
         (["run"], "the following arguments are required: name (see 'quartic run --help')"),
@@ -193,10 +202,10 @@ def test_bad_input_gives_one_line(argv, expected, tmp_path, monkeypatch, capsys)
 def test_rerun_with_another_config_is_refused(tmp_path, capsys):
     out = tmp_path / "run"
     assert (
-        cli.main(["run", "_example_sweep", "--quick", "--out", str(out), "--set", "n_units=2"]) == 0
+        cli.main(["run", "example_sweep", "--quick", "--out", str(out), "--set", "n_units=2"]) == 0
     )
     capsys.readouterr()
-    code = cli.main(["run", "_example_sweep", "--quick", "--out", str(out), "--set", "n_units=3"])
+    code = cli.main(["run", "example_sweep", "--quick", "--out", str(out), "--set", "n_units=3"])
     assert code == 2
     line = _one_line_error(capsys.readouterr().err)
     assert "different config (n_units: 2 -> 3)" in line
@@ -333,7 +342,7 @@ def test_reproduce_order_full_and_hidden(fake_experiments, capsys):
 
 def _reference(tmp_path) -> pathlib.Path:
     out = tmp_path / "reference"
-    assert cli.main(["run", "_example_sweep", "--quick", "--out", str(out)]) == 0
+    assert cli.main(["run", "example_sweep", "--quick", "--out", str(out)]) == 0
     return out
 
 
@@ -389,7 +398,7 @@ def _check_resumed(out, reference, log, finished):
 def test_sigkill_midway_then_resume_matches_an_uninterrupted_run(tmp_path, capsys):
     reference = _reference(tmp_path)
     out, log = tmp_path / "killed", tmp_path / "starts.log"
-    args = ["run", "_example_sweep", "--quick", "--out", str(out)]
+    args = ["run", "example_sweep", "--quick", "--out", str(out)]
     sets = ["--set", "delay=0.25", f"log_file={log}"]
     proc, finished = _interrupt(
         [sys.executable, "-m", "quartic.harness.cli", *args, *sets], out, signal.SIGKILL, tmp_path
@@ -404,7 +413,7 @@ def test_sigkill_midway_then_resume_matches_an_uninterrupted_run(tmp_path, capsy
 def test_ctrl_c_midway_then_resume_via_the_script(tmp_path, capsys):
     reference = _reference(tmp_path)
     out, log = tmp_path / "interrupted", tmp_path / "starts.log"
-    script = [sys.executable, str(REPO / "experiments" / "_example_sweep.py")]
+    script = [sys.executable, str(FIXTURE_EXPERIMENTS / "example_sweep.py")]
     args = ["--quick", "--out", str(out), "--set", "delay=0.25", f"log_file={log}"]
     proc, finished = _interrupt([*script, *args], out, signal.SIGINT, tmp_path)
     assert proc.returncode == 130
@@ -413,7 +422,7 @@ def test_ctrl_c_midway_then_resume_via_the_script(tmp_path, capsys):
     assert "rerunning the same command resumes" in last
     assert "Traceback" not in proc.stderr
     capsys.readouterr()
-    assert cli.main(["run", "_example_sweep", *args]) == 0
+    assert cli.main(["run", "example_sweep", *args]) == 0
     _check_resumed(out, reference, log, finished)
 
 

@@ -60,3 +60,18 @@ def test_effective_rank_and_fisher_norm():
     v = jnp.array([1.0, 5.0, 7.0])
     assert float(measure.fisher_norm(lam, basis, v)) == pytest.approx(2.0)
     np.testing.assert_allclose(measure.fisher_coords(lam, basis, v), [2.0, 0.0])
+
+
+def test_bounded_cache_evicts_the_least_recently_used():
+    from quartic.core.cache import BoundedCache
+
+    c = BoundedCache(2)
+    built = []
+    c.get("a", lambda: built.append("a") or 1)
+    c.get("b", lambda: built.append("b") or 2)
+    assert c.get("a", lambda: built.append("a!") or 0) == 1  # kept, and now the most recent
+    c["c"] = 3  # drops b
+    assert "b" not in c and "a" in c and len(c) == 2
+    assert built == ["a", "b"]
+    with pytest.raises(QuarticError, match="maxsize"):
+        BoundedCache(0)

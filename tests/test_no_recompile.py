@@ -107,7 +107,7 @@ def test_jitted_trajectory_compiles_once_across_problems():
 
 
 def test_train_step_compiles_once_across_calls():
-    from quartic.studies import training
+    from quartic.core import train as training
 
     x = jax.random.normal(jax.random.PRNGKey(0), (64, 4), jnp.float64)
     data = {"x": x, "y": jnp.sin(x[:, 0])}

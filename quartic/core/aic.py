@@ -24,8 +24,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from quartic.core import curvature, pytree, theory
+from quartic.core.cache import BoundedCache
 from quartic.core.errors import QuarticError
 from quartic.core.measure import fisher_weighted
+from quartic.core.subspace import lambda_max
 
 
 @dataclass(frozen=True)
@@ -226,8 +228,9 @@ class GaussNewton:
         return curvature.fisher_matvec(logits, theta)
 
 
-_MEASURE_CACHE: dict = {}
-_DENSE_CACHE: dict = {}
+# compiled programs, by the functions and options they close over (quartic.core.cache's policy)
+_MEASURE_CACHE = BoundedCache(64)
+_DENSE_CACHE = BoundedCache(16)
 
 
 def _dense_fn(align_loss_fn, fisher, to_params, mask_key, no_align_batch, chunk_size):
@@ -250,8 +253,6 @@ def _dense_fn(align_loss_fn, fisher, to_params, mask_key, no_align_batch, chunk_
                 mv = curvature.hvp_fn(lambda th: align_loss_fn(*args(th)), theta)
             return curvature.dense_matrix(mv, theta.shape[0], theta.dtype, chunk_size)
 
-        if len(_DENSE_CACHE) > 16:
-            _DENSE_CACHE.clear()
         _DENSE_CACHE[cache_key] = jax.jit(build)
     return _DENSE_CACHE[cache_key]
 
@@ -350,10 +351,8 @@ def _measure_fn(
                 )
             out.update(trace=est.value, tail=est.value - jnp.sum(top), tail_se=est.stderr)
             out.update(eigenvalues=top, residuals=res.top.residuals)
-        lam_ft = curvature.lanczos_eigh(
-            h_ft, n, 1, 0, num_iters=min(n, LAMBDA_MAX_ITERS), key=key, dtype=theta.dtype
-        ).top
-        out["lam_max_ft"], out["lam_max_ft_residual"] = lam_ft.values[0], lam_ft.residuals[0]
+        lam_ft = lambda_max(h_ft, n, num_iters=LAMBDA_MAX_ITERS, key=key, dtype=theta.dtype)
+        out["lam_max_ft"], out["lam_max_ft_residual"] = lam_ft.value, lam_ft.residual
         coords_hg = basis.T @ hg
         out.update(
             top=top,
@@ -374,8 +373,6 @@ def _measure_fn(
         return out
 
     fn = jax.jit(measure)
-    if len(_MEASURE_CACHE) > 64:
-        _MEASURE_CACHE.clear()
     _MEASURE_CACHE[cache_key] = fn
     return fn
 

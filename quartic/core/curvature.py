@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from quartic.core.cache import BoundedCache
 from quartic.core.errors import QuarticError
 
 Matvec = Callable[[jax.Array], jax.Array]
@@ -188,7 +189,8 @@ def lanczos_eigh(
     return LanczosResult(top, bottom, m + k)
 
 
-_EIGH_LAST: list = []  # [(matrix, (values, vectors))]: the last matrix decomposed
+# the last matrix decomposed, by identity: {id: (matrix, result)} (quartic.core.cache's policy)
+_EIGH_LAST = BoundedCache(1)
 
 
 def eigh_descending(a: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -199,12 +201,12 @@ def eigh_descending(a: jax.Array) -> tuple[jax.Array, jax.Array]:
     losses, every projector) is decomposed once, not once per call. A mutable numpy array is
     never cached.
     """
-    if _EIGH_LAST and _EIGH_LAST[0][0] is a:
-        return _EIGH_LAST[0][1]
+    if id(a) in _EIGH_LAST and _EIGH_LAST[id(a)][0] is a:
+        return _EIGH_LAST[id(a)][1]
     w, v = jnp.linalg.eigh(symmetrize(a))
     out = (w[::-1], v[:, ::-1])
     if isinstance(a, jax.Array):
-        _EIGH_LAST[:] = [(a, out)]
+        _EIGH_LAST[id(a)] = (a, out)
     return out
 
 
@@ -309,7 +311,7 @@ def dense_top_eigh(
     return TopEigh(pairs, ritz, ok, passes)
 
 
-_TOP_LAST: list = []  # [((matrix, k), (values, vectors))]: the last matrix decomposed
+_TOP_LAST = BoundedCache(1)  # as _EIGH_LAST, by (identity, k)
 
 
 def top_eigh_descending(a: jax.Array, k: int, min_n: int = 512) -> tuple[jax.Array, jax.Array]:
@@ -325,8 +327,8 @@ def top_eigh_descending(a: jax.Array, k: int, min_n: int = 512) -> tuple[jax.Arr
     n = a.shape[0]
     if n <= min_n:
         return eigh_descending(a)
-    if _TOP_LAST and _TOP_LAST[0][0][0] is a and _TOP_LAST[0][0][1] == k:
-        return _TOP_LAST[0][1]
+    if (id(a), k) in _TOP_LAST and _TOP_LAST[id(a), k][0] is a:
+        return _TOP_LAST[id(a), k][1]
     res = _dense_top_jit(a, k)
     out = None
     if bool(res.converged):
@@ -336,7 +338,7 @@ def top_eigh_descending(a: jax.Array, k: int, min_n: int = 512) -> tuple[jax.Arr
     if out is None:
         out = eigh_descending(a)
     if isinstance(a, jax.Array):
-        _TOP_LAST[:] = [((a, k), out)]
+        _TOP_LAST[id(a), k] = (a, out)
     return out
 
 
@@ -512,7 +514,7 @@ def fisher_trace(
             raise QuarticError(f"single_logits_fn must return [C] logits, got shape {z.shape}")
         p = jax.nn.softmax(z)
         jac = jax.vmap(lambda e: vjp(e)[0])(jnp.eye(z.shape[0], dtype=z.dtype))  # [C, n]
-        centred = jac - p @ jac
+        centred = jac - (p @ jac)[None, :]
         return jnp.sum(p * jnp.sum(centred**2, axis=1))
 
     return jnp.mean(lax.map(one, examples, batch_size=batch_size))

@@ -28,6 +28,7 @@ import dataclasses
 import functools
 import zlib
 from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -35,6 +36,7 @@ import numpy as np
 import optax
 
 from quartic.core import aic, curvature, dynamics, fitting, measure, pytree, theory
+from quartic.core.cache import BoundedCache
 from quartic.core.measure import spearman  # noqa: F401  (still importable from here)
 from quartic.models import TransformerConfig
 from quartic.studies.training import AlignedModel, make_aligned_model
@@ -87,7 +89,12 @@ class CollapseSetup:
             [self.world.skill(k, "heldout") for k in range(self.world.config.n_categories)]
         )
         self.retention_batch = self.world.benign("heldout")
-        self._compiled = {}
+        self._compiled = BoundedCache(64)  # compiled helpers, by key: reach them via compiled()
+
+    def compiled(self, key, build: Callable[[], Any]) -> Any:
+        """The setup's compiled helper under ``key`` (a tuple naming it and its options), built by
+        ``build()`` the first time."""
+        return self._compiled.get(key, build)
 
     @property
     def n(self) -> int:
@@ -115,7 +122,7 @@ class CollapseSetup:
         return {k: jnp.asarray(v) for k, v in batch.items()}
 
 
-@functools.cache
+@functools.lru_cache(maxsize=8)
 def _aligned_model(preset: str, world_seed: int, model_seed: int):
     jax.config.update("jax_enable_x64", True)  # θ* is float64: its gradient is ~1e-5 of the start
     world = tw.TokenWorld(tw.WorldConfig(seed=world_seed))

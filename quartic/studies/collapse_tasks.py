@@ -13,7 +13,7 @@ For the experiments that run quartic's generic machinery (:mod:`quartic.studies.
 
 Every function takes the task data as an argument (:func:`losses` is meant to be called inside a
 trace), so one compiled program serves every task: the task batches share a shape. Compiled
-helpers are kept in the setup's ``_compiled`` dict (as :mod:`quartic.studies.collapse` does).
+helpers are kept by the setup (:meth:`quartic.studies.collapse.CollapseSetup.compiled`).
 """
 
 from __future__ import annotations
@@ -46,14 +46,12 @@ def losses(
 def lambda_max_ft(setup: collapse.CollapseSetup, batch: dict, theta=None) -> float:
     """``λ_max(H_FT)`` at θ (default θ*) by :data:`LAMBDA_ITERS` Lanczos steps (one compiled
     program for every task)."""
-    key = ("collapse_tasks.lambda_max", LAMBDA_ITERS)
-    if key not in setup._compiled:
-        lm_fn = setup.lm_fn
+    lm_fn = setup.lm_fn
 
-        def top(th, b):
-            mv = curvature.hvp_fn(lambda x: lm_fn(x, b), th)
-            return subspace.lambda_max(mv, v0=jnp.ones_like(th), num_iters=LAMBDA_ITERS).value
+    def top(th, b):
+        mv = curvature.hvp_fn(lambda x: lm_fn(x, b), th)
+        return subspace.lambda_max(mv, v0=jnp.ones_like(th), num_iters=LAMBDA_ITERS).value
 
-        setup._compiled[key] = jax.jit(top)
+    fn = setup.compiled(("collapse_tasks.lambda_max", LAMBDA_ITERS), lambda: jax.jit(top))
     th = setup.theta if theta is None else theta
-    return float(setup._compiled[key](th, batch))
+    return float(fn(th, batch))
