@@ -137,12 +137,13 @@ def test_ema_ages_brute_force():
     assert float(theory.ema_ages(2, 0.3)[2]) == pytest.approx(1 / 1.3)
 
 
-def test_adam_leading_terms_within_10_percent(exp, cfg):
+def test_adam_leading_terms_within_1_percent(exp, cfg):
     """Family (Pg = 0, Pu ≠ 0): ½(ηk)²uᵀFu, slope 2; built with Pu = 0: the coupling term. The
     displacement itself is second-order accurate: halving η divides its error by 4."""
     r = exp.adam_case(cfg, "family", 0.9, 0.999)
     assert r["leading_kind"].startswith("first order") and r["pg_fisher_pg"] < 1e-25
-    assert r["max_rel_error_leading"] < 0.10 and r["max_rel_error_forecast"] < 0.01
+    # measured 3.4e-4 (leading term) and 6.1e-6 (forecast): tolerances about 3× those
+    assert r["max_rel_error_leading"] < 1e-3 and r["max_rel_error_forecast"] < 2e-5
     assert r["ratio_to_flow_law_at_last_step"] > 1e6  # the flow's t⁴ law is far off for Adam
     half = exp.adam_case(dataclasses.replace(cfg, adam_lr=cfg.adam_lr / 2), "family", 0.9, 0.999)
     ratio = r["max_displacement_rel_error"] / half["max_displacement_rel_error"]
@@ -150,7 +151,8 @@ def test_adam_leading_terms_within_10_percent(exp, cfg):
     for b1 in (0.9, 0.0):
         r = exp.adam_case(cfg, "orthogonal", b1, 0.999)
         assert r["leading_kind"].startswith("coupling") and r["u_fisher_u"] < 1e-25
-        assert r["max_rel_error_leading"] < 0.10, (b1, r["max_rel_error_leading"])
+        # measured 3.0e-3 (b1 = 0.9) and 1.7e-3 (b1 = 0)
+        assert r["max_rel_error_leading"] < 0.01, (b1, r["max_rel_error_leading"])
         assert r["pg_fisher_pg"] > 1e-3  # Pg ≠ 0: gradient descent would leak, Adam does not
 
 
