@@ -238,6 +238,18 @@ def _true_class_loss(logits: jax.Array, labels: jax.Array) -> jax.Array:
     return -jnp.take_along_axis(logp, labels[:, None], axis=1).sum()
 
 
+def _eligible_order(
+    tokens, table: SynonymTable, max_candidates, key
+) -> tuple[jax.Array, jax.Array]:
+    """Positions by increasing ``key [B, T]``, eligible ones (perturbable, with at least one of the
+    first ``max_candidates`` candidates) first, ties to the earlier position; and their count."""
+    cand = table.candidates[:, :max_candidates]
+    eligible = table.perturbable[tokens] & (cand[tokens] >= 0).any(axis=-1)
+    keys = jnp.where(eligible, key, jnp.inf)
+    order = jnp.argsort(keys, axis=1, stable=True).astype(jnp.int32)
+    return order, eligible.sum(axis=1, dtype=jnp.int32)
+
+
 def importance_order(
     params: PyTree,
     tokens: jax.Array,
@@ -259,7 +271,6 @@ def importance_order(
       with >= 1 candidate) first; ``n_eligible`` ``int32[B]`` counts them; ``saliency`` is
       ``[B, T]`` (ineligible positions included); ``logits`` ``[B, C]`` are the clean logits.
     """
-    cand = table.candidates[:, :max_candidates]
     emb = embed_fn(params, tokens)
 
     def loss_fn(e):
@@ -269,10 +280,7 @@ def importance_order(
     # Summing per-example losses keeps each example's gradient its own: examples do not interact.
     grad, logits = jax.grad(loss_fn, has_aux=True)(emb)
     saliency = jnp.sqrt(jnp.sum(jnp.square(grad), axis=-1))
-    eligible = table.perturbable[tokens] & (cand[tokens] >= 0).any(axis=-1)
-    keys = jnp.where(eligible, -saliency, jnp.inf)
-    order = jnp.argsort(keys, axis=1, stable=True).astype(jnp.int32)
-    n_eligible = eligible.sum(axis=1, dtype=jnp.int32)
+    order, n_eligible = _eligible_order(tokens, table, max_candidates, -saliency)
     return order, n_eligible, saliency, logits
 
 
@@ -299,7 +307,6 @@ def wir_order(
       ``p(true | x) − p(true | x with t masked)`` (ineligible positions included); ``logits``
       ``[B, C]`` are the clean logits.
     """
-    cand = table.candidates[:, :max_candidates]
     b, t = tokens.shape
     logits = logits_fn(params, embed_fn(params, tokens), tokens)
     masked = jnp.where(jnp.eye(t, dtype=bool)[None], jnp.int32(mask_token), tokens[:, None, :])
@@ -309,10 +316,8 @@ def wir_order(
     masked_true = masked_true[..., 0]  # [B, T]
     clean_true = jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1), labels[:, None], axis=1)
     drop = jnp.exp(clean_true) - jnp.exp(masked_true)
-    eligible = table.perturbable[tokens] & (cand[tokens] >= 0).any(axis=-1)
-    keys = jnp.where(eligible, masked_true, jnp.inf)  # the lower p(true) without t, the larger
-    order = jnp.argsort(keys, axis=1, stable=True).astype(jnp.int32)
-    n_eligible = eligible.sum(axis=1, dtype=jnp.int32)
+    # the lower p(true) without t, the larger the drop
+    order, n_eligible = _eligible_order(tokens, table, max_candidates, masked_true)
     return order, n_eligible, drop, logits
 
 
