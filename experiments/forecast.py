@@ -25,26 +25,20 @@ import dataclasses
 import math
 import pathlib
 import sys
-from functools import cache
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from matplotlib.ticker import NullFormatter
 
 import quartic as q
-from quartic.core import theory
-from quartic.core.subspace import lambda_max
 from quartic.harness import plotting
 from quartic.harness.runs import RunDir, run_sweep, write_json_atomic
-from quartic.studies import collapse, collapse_tasks
 from quartic.studies import forecast as fc
+from quartic.studies.forecast_compare import METHODS, relative_error, summarise, units
 from quartic.tasks import token_world as tw
 
 TITLE = "Time-to-threshold forecasts (quartic, second-order, monitored, peer) vs simulation"
 QUICK_SECONDS = 60
-
-METHODS = ("quartic", "second_order", "taylor", "monitored", "monitored_taylor", "peer")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -107,263 +101,10 @@ class Config:
         return int(math.ceil(steps / self.check_every))
 
 
-def _family_params(config: Config, family: str) -> tuple[q.QuadraticSpec, float, float]:
-    """(spec, curvature, β). Quadratic families are curved problems with c = 0, β = 0, so that
-    every family runs through the same compiled program."""
-    base = dict(
-        n=config.n, d=config.d, coupling=config.coupling, h_range=(config.h_min, config.h_max)
-    )
-    if family == "quadratic":
-        return q.QuadraticSpec(**base), 0.0, 0.0
-    if family == "leaky":
-        return q.QuadraticSpec(**base, leak=config.leak, tail=config.tail), 0.0, 0.0
-    return q.QuadraticSpec(**base), config.curvature, config.quartic
-
-
-def _problems(spec: q.QuadraticSpec, keys, curvature: float, beta: float):
-    """Problems stacked over ``keys``, drawn eagerly (per-primitive kernels are cached and shared
-    with the other experiments and tests of the same shape)."""
-    probs = []
-    for key in keys:
-        prob, _ = q.make_curved(key, spec, 1.0, beta)
-        probs.append(dataclasses.replace(prob, curvature=curvature * prob.curvature))
-    return jax.tree.map(lambda *x: jnp.stack(x), *probs)
-
-
-@cache
-def _simulate_fn(rank: int, num_checks: int, check_every: int, taylor_order: int):
-    def one(p, lr):
-        diag = fc.diagnose_dense(p.align_loss_fn, p.ft_loss_fn, p.theta_star, rank)
-        run = fc.simulate_with_checks(
-            p.align_loss_fn,
-            p.ft_loss_fn,
-            p.theta_star,
-            lr,
-            num_checks,
-            check_every,
-            taylor_order=taylor_order,
-        )
-        return diag, run
-
-    return jax.jit(jax.vmap(one))
-
-
-@cache
-def _lambda_max_fn():
-    return jax.jit(jax.vmap(lambda p: lambda_max(p.base.ft_hessian, method="dense").value))
-
-
-def _key(config: Config, *path: int):
-    key = jax.random.PRNGKey(config.seed)
-    for p in path:
-        key = jax.random.fold_in(key, p)
-    return key
-
-
-def family_unit(config: Config, family: str, chunk_index: int) -> dict:
-    spec, curvature, beta = _family_params(config, family)
-    fam = config.families.index(family)
-    start = chunk_index * config.chunk
-    size = min(config.chunk, config.num_problems - start)
-    keys = [_key(config, fam, i) for i in range(start, start + size)]
-    probs = _problems(spec, keys, curvature, beta)
-    lam = np.asarray(_lambda_max_fn()(probs))
-    lrs = config.lr_lambda / lam
-    sim = _simulate_fn(config.d, config.num_checks, config.check_every, config.taylor_order)
-    diag, run = jax.device_get(sim(probs, jnp.asarray(lrs)))
-    taylor = run.check_taylor[:, 0]  # the first check is at θ*
-    rng = np.random.default_rng([config.seed, fam, chunk_index])
-    u = np.exp(rng.uniform(*np.log(config.u_range), size))
-    out = []
-    for i in range(size):
-        one_run = jax.tree.map(lambda x, i=i: x[i], run)
-        one_diag = jax.tree.map(lambda x, i=i: x[i], diag)
-        if not bool(one_run.finite):
-            raise q.DivergenceError(f"{family} problem {start + i} diverged; lower lr_lambda")
-        out.append(
-            _record(
-                config,
-                start + i,
-                u[i],
-                lam[i],
-                lrs[i],
-                one_run,
-                one_diag,
-                taylor[i],
-                start + i == 0,
-            )
-        )
-    return {"family": family, "problems": out}
-
-
-def _record(
-    config: Config, index, u, lam, lr, run, diag, taylor, curve: bool, lr_lambda=None
-) -> dict:
-    """One problem: the threshold that the simulation crosses at t·λ_max = u, every prediction
-    of its crossing time and their errors (``taylor``: c₁…c_K at θ*, or None)."""
-    du = np.asarray(run.delta_u)
-    k_thr = int(round(u / (lr_lambda or config.lr_lambda)))
-    threshold = float(du[k_thr])
-    if not threshold > 0:
-        raise q.QuarticError(f"problem {index}: Δu = {threshold} at the threshold")
-    pred = fc.predictions(run, diag, float(lr), threshold, config.lead, taylor_coefficients=taylor)
-    tolist = lambda x: None if x is None else np.asarray(x).tolist()
-    rec = {
-        "index": index,
-        "u": float(u),
-        "lambda_max": float(lam),
-        "lr": float(lr),
-        "threshold": threshold,
-        "simulated": pred.simulated,
-        # a prediction that never crosses (inf) is stored as None: unit records are finite JSON
-        **{m: _finite_or_none(getattr(pred, m)) for m in METHODS},
-        "monitored_check_time": pred.monitored_check_time,
-        "errors": {k: _finite_or_none(v) for k, v in pred.relative_errors().items()},
-        "gamma_fisher": float(diag.gamma_fisher),
-        "eps_fisher": float(diag.eps_fisher),
-        "ortho_norm": float(diag.ortho_norm),
-        "lambda_min_peer": fc.peer_lambda_min(diag.eigenvalues),
-        "taylor_coefficients": tolist(taylor),
-        "check_times": pred.check_times.tolist(),
-        "check_predictions": [_finite_or_none(x) for x in pred.check_predictions],
-        "check_predictions_taylor": None
-        if pred.check_predictions_taylor is None
-        else [_finite_or_none(x) for x in pred.check_predictions_taylor],
-    }
-    if taylor is None:  # the Taylor forecasts were not run: no entry at all
-        for k in ("taylor", "monitored_taylor"):
-            del rec[k]
-        for k in ("taylor", "monitored_taylor", "monitored_taylor_remaining"):
-            del rec["errors"][k]
-    if curve:
-        idx = np.unique(np.round(np.geomspace(1, du.shape[0] - 1, 150)).astype(int))
-        rec["curve"] = {
-            "t": (lr * idx).tolist(),
-            "delta_u": du[idx].tolist(),
-            "forecast": np.asarray(theory.Forecast(*diag.forecast).gd(idx, lr)).tolist(),
-        }
-    return rec
-
-
-# ----------------------------------------------------------------------------------------------
-# The small transformer: one compiled program (diagnosis at θ* and the checked run) for every task
-
-
-def _tx_setup(config: Config):
-    return collapse.aligned_setup(config.transformer_preset, config.transformer_category)[1]
-
-
-@cache
-def _tx_simulate_fn(config: Config):
-    setup = _tx_setup(config)
-    taylor = config.taylor_order if config.transformer_taylor else None
-
-    def one(theta_star, batch, kl_data, lr, lam):
-        losses = collapse_tasks.losses(setup, theta_star, batch, kl_data)
-        a, f = losses.align_loss_fn, losses.ft_loss_fn
-        diag = fc.diagnose_lanczos(a, f, theta_star, config.transformer_rank, lam)
-        run = fc.simulate_with_checks(
-            a,
-            f,
-            theta_star,
-            lr,
-            config.transformer_num_checks,
-            config.check_every,
-            delta_u_fn=losses.delta_u_fn,
-            taylor_order=taylor,
-        )
-        return diag, run
-
-    return jax.jit(one)
-
-
-def transformer_unit(config: Config, task: str) -> dict:
-    """One benign task: ``transformer_thresholds`` problems (thresholds) on one simulated run."""
-    setup = _tx_setup(config)
-    batch = setup.task_batch(task)
-    lam = collapse_tasks.lambda_max_ft(setup, batch)
-    lr = config.transformer_lr_lambda / lam
-    diag, run = jax.device_get(
-        _tx_simulate_fn(config)(setup.theta, batch, setup.align_data["kl"], lr, lam)
-    )
-    if not bool(run.finite):
-        raise q.DivergenceError(f"transformer task {task} diverged; lower lr_lambda")
-    taylor = None if run.check_taylor is None else np.asarray(run.check_taylor[0])
-    us = np.geomspace(*config.transformer_u_range, config.transformer_thresholds)
-    base = config.transformer_tasks.index(task) * config.transformer_thresholds
-    out = [
-        {
-            "task": task,
-            **_record(
-                config,
-                base + j,
-                u,
-                lam,
-                lr,
-                run,
-                diag,
-                taylor,
-                j == 0,
-                config.transformer_lr_lambda,
-            ),
-        }
-        for j, u in enumerate(us)
-    ]
-    return {"family": "transformer", "task": task, "problems": out}
-
-
-def _units(config: Config):
-    units = []
-    num_chunks = -(-config.num_problems // config.chunk)
-    for family in config.families:
-        if family == "transformer":
-            for task in config.transformer_tasks:
-                units.append((f"transformer_{task}", lambda t=task: transformer_unit(config, t)))
-            continue
-        for c in range(num_chunks):
-            units.append((f"{family}_{c:03d}", lambda f=family, c=c: family_unit(config, f, c)))
-    return units
-
-
-def _finite_or_none(x: float):
-    x = float(x)
-    return x if math.isfinite(x) else None
-
-
-def _error(p: dict, m: str) -> float:
-    """A problem's relative error for method ``m``; ``inf`` where it never predicted a crossing
-    (stored as None)."""
-    e = p["errors"][m]
-    return math.inf if e is None else e
-
-
-def summarise(problems: list[dict]) -> dict:
-    out = {"num_problems": len(problems)}
-    for m in (*METHODS, "monitored_remaining", "monitored_taylor_remaining"):
-        if problems and not any(m in p["errors"] for p in problems):  # not run (Taylor, if off)
-            out[m] = {"median_rel_error": None, "q25": None, "q75": None, "never_predicted": 0}
-            continue
-        e = np.asarray([_error(p, m) for p in problems if m in p["errors"]], float)
-        out[m] = {
-            "median_rel_error": float(np.median(e)) if e.size else None,
-            "q25": float(np.quantile(e, 0.25)) if e.size else None,
-            "q75": float(np.quantile(e, 0.75)) if e.size else None,
-            "never_predicted": int(np.sum(~np.isfinite(e))),
-        }
-    # problems that cross before the first re-check are scored on the check at θ*, where the
-    # monitored forecast is the one-shot forecast: compare on the others
-    late = [p for p in problems if p["monitored_check_time"] > 0]
-    out["num_rechecked"] = len(late)
-    for mon, one in (("monitored", "second_order"), ("monitored_taylor", "taylor")):
-        better = [_error(p, mon) < _error(p, one) for p in late if one in p["errors"]]
-        out[f"{mon}_better_when_rechecked"] = float(np.mean(better)) if better else None
-    return out
-
-
 def run(config: Config, out_dir: pathlib.Path) -> dict:
     jax.config.update("jax_enable_x64", True)
     RunDir(out_dir).write_config(config)
-    sweep = run_sweep(_units(config), out_dir, desc="forecast")
+    sweep = run_sweep(units(config), out_dir, desc="forecast")
     by_family: dict[str, list] = {f: [] for f in config.families}
     for r in sweep.results.values():
         by_family[r["family"]].extend(r["problems"])
@@ -489,7 +230,7 @@ def plot(out_dir: pathlib.Path, fig_dir: pathlib.Path) -> list[pathlib.Path]:
             if not any(m in p["errors"] for p in probs):  # not run (the Taylor forecasts, if off)
                 continue
             pred = np.asarray([p.get(m) for p in probs], float)  # None (never) -> nan
-            med = np.median([_error(p, m) for p in probs])
+            med = np.median([relative_error(p, m) for p in probs])
             ax.plot(sim, pred, mk, ms=3.5, alpha=0.8, label=f"{m} (median err {med:.2g})")
         lo, hi = sim.min() * 0.5, sim.max() * 2
         ax.plot([lo, hi], [lo, hi], "k-", lw=0.8)

@@ -22,7 +22,7 @@ import jax
 import numpy as np
 
 import quartic as q
-from quartic.core import theory
+from quartic.core import measure, theory
 from quartic.harness import plotting
 from quartic.harness.runs import RunDir, run_sweep, write_json_atomic
 from quartic.studies import law
@@ -107,14 +107,9 @@ def run(config: Config, out_dir: pathlib.Path) -> dict:
     curved = [r for k, r in res.items() if k.startswith("curved_")]
     ladder = {r["case"]: r for k, r in res.items() if k.startswith("ladder_")}
 
-    def stats(name):
-        v = np.array([r[name] for r in quad])
-        return {
-            "mean": float(v.mean()),
-            "std": float(v.std()),
-            "min": float(v.min()),
-            "max": float(v.max()),
-        }
+    def stats(name):  # over the quadratic seeds; std with ddof 0
+        s = measure.mean_std([r[name] for r in quad], ddof=0, extremes=True)
+        return {k: s[k] for k in ("mean", "std", "min", "max")}
 
     summary = {
         "num_quadratic": len(quad),

@@ -11,6 +11,7 @@ import pytest
 from quartic.core import theory
 from quartic.harness import cli
 from quartic.harness.runs import RunDir
+from quartic.studies import optimisers as study
 
 
 @pytest.fixture(scope="module")
@@ -37,8 +38,8 @@ def _fisher_mv(prob):
 
 def test_sgd_noise_delta_u_is_the_exact_covariance_sum(exp, cfg):
     """½ tr(F Cov θ_k) against the brute-force sum η² Σ_{j<k} AʲΣAʲ, and → ½ η t tr(FΣ)."""
-    prob = exp.family_problem(cfg)
-    sigma = exp.noise_shape(cfg)
+    prob = study.family_problem(cfg)
+    sigma = study.noise_shape(cfg)
     exact_fn = jax.jit(theory.sgd_noise_delta_u)
     lr, steps = 1e-2, np.array([1, 2, 7, 40])
     exact = exact_fn(prob.fisher, prob.ft_hessian, sigma, lr, steps)
@@ -74,7 +75,7 @@ def test_sgd_crossover_time_is_where_the_two_terms_meet():
 def test_sgd_crossover_within_25_percent_at_three_noise_levels(exp, cfg):
     """Monte Carlo over 256 noise seeds per level (vmapped); t_c spans t_c·λ_max ≈ 0.005…0.05."""
     for i in range(3):
-        r = exp.sgd_level(cfg, i)
+        r = study.sgd_level(cfg, i)
         assert abs(r["t_c_measured"] / r["t_c_predicted"] - 1) < 0.25, r["sigma"]
         # the measurement is sharper than the acceptance: a few MC standard errors
         err = abs(r["t_c_measured"] - r["t_c_predicted"])
@@ -107,7 +108,7 @@ def test_momentum_leading_term_within_10_percent_and_error_order(beta, exp, cfg)
     is first order in η (halves with η at fixed k); the plain GD forecast is far off."""
     errs = []
     for lr_eff in (cfg.momentum_lr_eff, cfg.momentum_lr_eff / 2):
-        r = exp.momentum_case(dataclasses.replace(cfg, momentum_lr_eff=lr_eff), beta)
+        r = study.momentum_case(dataclasses.replace(cfg, momentum_lr_eff=lr_eff), beta)
         assert r["num_small_t"] >= 20
         assert r["max_rel_error_small_t"] < 0.10, r["max_rel_error_small_t"]
         assert r["max_rel_error_plain_gd_small_t"] > 0.5
@@ -118,10 +119,10 @@ def test_momentum_leading_term_within_10_percent_and_error_order(beta, exp, cfg)
 
 def test_simulations_compile_once_per_record_grid(exp, cfg):
     """Learning rates, momenta and the problem are traced: new values reuse the executable."""
-    exp.momentum_case(cfg, 0.5)
-    size = exp.simulate_momentum._cache_size()
-    exp.momentum_case(dataclasses.replace(cfg, momentum_lr_eff=3e-5, seed=1), 0.7)
-    assert exp.simulate_momentum._cache_size() == size
+    study.momentum_case(cfg, 0.5)
+    size = study.simulate_momentum._cache_size()
+    study.momentum_case(dataclasses.replace(cfg, momentum_lr_eff=3e-5, seed=1), 0.7)
+    assert study.simulate_momentum._cache_size() == size
 
 
 # ----------------------------------------------------------------------------------------------
@@ -140,16 +141,16 @@ def test_ema_ages_brute_force():
 def test_adam_leading_terms_within_1_percent(exp, cfg):
     """Family (Pg = 0, Pu ≠ 0): ½(ηk)²uᵀFu, slope 2; built with Pu = 0: the coupling term. The
     displacement itself is second-order accurate: halving η divides its error by 4."""
-    r = exp.adam_case(cfg, "family", 0.9, 0.999)
+    r = study.adam_case(cfg, "family", 0.9, 0.999)
     assert r["leading_kind"].startswith("first order") and r["pg_fisher_pg"] < 1e-25
     # measured 3.4e-4 (leading term) and 6.1e-6 (forecast): tolerances about 3× those
     assert r["max_rel_error_leading"] < 1e-3 and r["max_rel_error_forecast"] < 2e-5
     assert r["ratio_to_flow_law_at_last_step"] > 1e6  # the flow's t⁴ law is far off for Adam
-    half = exp.adam_case(dataclasses.replace(cfg, adam_lr=cfg.adam_lr / 2), "family", 0.9, 0.999)
+    half = study.adam_case(dataclasses.replace(cfg, adam_lr=cfg.adam_lr / 2), "family", 0.9, 0.999)
     ratio = r["max_displacement_rel_error"] / half["max_displacement_rel_error"]
     assert r["max_displacement_rel_error"] < 1e-4 and ratio == pytest.approx(4.0, rel=0.1)
     for b1 in (0.9, 0.0):
-        r = exp.adam_case(cfg, "orthogonal", b1, 0.999)
+        r = study.adam_case(cfg, "orthogonal", b1, 0.999)
         assert r["leading_kind"].startswith("coupling") and r["u_fisher_u"] < 1e-25
         # measured 3.0e-3 (b1 = 0.9) and 1.7e-3 (b1 = 0)
         assert r["max_rel_error_leading"] < 0.01, (b1, r["max_rel_error_leading"])
@@ -157,7 +158,7 @@ def test_adam_leading_terms_within_1_percent(exp, cfg):
 
 
 def test_adam_coupling_cancels_when_b1_equals_b2(exp, cfg):
-    prob = exp.adam_orthogonal_problem(cfg)
+    prob = study.adam_orthogonal_problem(cfg)
     g, hvp = prob.ft_grad, lambda v: prob.ft_hessian @ v
     fc = theory.AdamForecast.from_vectors(jnp.zeros_like(g), _fisher_mv(prob), g, hvp, 1e-8)
     steps = np.array([10, 100])

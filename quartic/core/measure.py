@@ -80,6 +80,11 @@ def finite_or(x: float, default):
     return x if math.isfinite(x) else default
 
 
+def json_number(x) -> float | None:
+    """``float(x)``, or ``None`` for NaN and inf (JSON has neither)."""
+    return finite_or(float(x), None)
+
+
 def time_to_threshold(
     forecast_fn: Callable[[jax.Array], jax.Array],
     threshold: float,
@@ -197,6 +202,7 @@ __all__ = [
     "effective_rank",
     "finite_or",
     "first_index_at_or_above",
+    "json_number",
     "fisher_coords",
     "fisher_norm",
     "fisher_weighted",

@@ -91,6 +91,11 @@ def cold_v0(theta: jax.Array, seed: int) -> jax.Array:
     return jax.random.normal(jax.random.PRNGKey(seed), theta.shape, theta.dtype)
 
 
+def project_out(basis: jax.Array, v: jax.Array) -> jax.Array:
+    """``(I − B Bᵀ) v``: ``v`` with its part in span(B) removed (B orthonormal ``[n, d]``)."""
+    return v - basis @ (basis.T @ v)
+
+
 def sensitive_subspace(
     losses: Losses, rank: int, num_iters: int | None = None, seed: int = 0, theta=None
 ) -> tuple[jax.Array, jax.Array]:
@@ -154,6 +159,7 @@ __all__ = [
     "cold_v0",
     "default_num_iters",
     "lambda_max",
+    "project_out",
     "sensitive_subspace",
     "top_subspace",
 ]

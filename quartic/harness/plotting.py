@@ -19,6 +19,14 @@ def slope_guide(ax, t, y_anchor: float, order: float, label: str | None = None, 
     ax.plot(t, y_anchor * (t / t[0]) ** order, label=label or f"slope {order:g}", **kw)
 
 
+def decade_guide(ax, x0, y0, order, decades=1.0, label=None, **kw):
+    """A dotted ``x^order`` segment from ``(x0, y0)`` over ``decades`` to the right, labelled at its
+    end (default ``slope {order}``)."""
+    xs = np.array([x0, x0 * 10**decades])
+    ax.plot(xs, y0 * (xs / x0) ** order, color="k", lw=1, ls=":", **kw)
+    ax.annotate(label or f"slope {order}", (xs[1], y0 * 10 ** (decades * order)), fontsize=8)
+
+
 def loglog(ax, xlabel: str, ylabel: str, title: str | None = None):
     ax.set_xscale("log")
     ax.set_yscale("log")

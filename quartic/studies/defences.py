@@ -52,8 +52,18 @@ from quartic.core.subspace import (
     Losses,
     cold_v0,
     default_num_iters,
+    project_out,
     sensitive_subspace,
     top_subspace,
+)
+
+# the predicted leaks (docs/defences.md §2) are part of this module's API
+from quartic.studies.defence_leaks import (  # noqa: F401
+    fixed_leak_coefficient,
+    plain_leak_coefficient,
+    projected_ft_loss,
+    tail_leak_coefficient,
+    tracked_leak_coefficient,
 )
 
 Matvec = Callable[[jax.Array], jax.Array]
@@ -83,11 +93,6 @@ class Cost(NamedTuple):
 
 # ----------------------------------------------------------------------------------------------
 # The sensitive subspace
-
-
-def _project_out(basis: jax.Array, v: jax.Array) -> jax.Array:
-    """``(I − B Bᵀ) v``."""
-    return v - basis @ (basis.T @ v)
 
 
 #: Eigenvalues below this fraction of the largest are not inverted by the Gauss–Newton step: a
@@ -193,7 +198,7 @@ class FixedProjection(_WithSubspace):
 
     def step(self, losses, state):
         g = jax.grad(losses.ft_loss_fn)(state.theta)
-        return self._sgd(state, _project_out(state.basis, g))
+        return self._sgd(state, project_out(state.basis, g))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -227,7 +232,7 @@ class PeriodicProjection(_WithSubspace):
         due = (state.step % self.every == 0) & (state.step > 0)
         basis, values = lax.cond(due, refresh, lambda _: (state.basis, state.values), None)
         g = jax.grad(losses.ft_loss_fn)(th)
-        return self._sgd(state, _project_out(basis, g), basis=basis, values=values)
+        return self._sgd(state, project_out(basis, g), basis=basis, values=values)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -385,7 +390,7 @@ class TrackedProjection(_WithSubspace):
     def step(self, losses, state):
         basis, values = self._retrack(losses, state)
         g = jax.grad(losses.ft_loss_fn)(state.theta)
-        return self._sgd(state, _project_out(basis, g), basis=basis, values=values)
+        return self._sgd(state, project_out(basis, g), basis=basis, values=values)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -410,7 +415,7 @@ class Retraction(TrackedProjection):
         else:
             basis, values = state.basis, state.values
         g = jax.grad(losses.ft_loss_fn)(state.theta)
-        moved = state.theta - state.lr * _project_out(basis, g)
+        moved = state.theta - state.lr * project_out(basis, g)
         theta = moved + _gn_restore(losses, basis, values, moved)
         return state._replace(theta=theta, basis=basis, values=values, step=state.step + 1)
 
@@ -596,68 +601,3 @@ def fitted_slope(delta_u, lr: float, stop_step: float, decades: float = 1.5):
     if keep.sum() < 3:
         return None
     return fitting.fit_exponent(lr * k[keep], du[keep])
-
-
-# ----------------------------------------------------------------------------------------------
-# What the theory predicts for the defences (docs/defences.md §2)
-
-
-def projected_ft_loss(ft_loss_fn: Callable, theta_star: jax.Array, basis: jax.Array) -> Callable:
-    """``L̃(θ) = L_FT(θ* + (I − P)(θ − θ*))``: its gradient flow from θ* is the fixed-projection
-    flow ``θ̇ = −(I − P)∇L_FT(θ)``, so ``theory.taylor_onset(align_loss_fn, L̃, θ*)`` gives the exact
-    onset of Δu under the fixed projection (Δu ≡ 0 on a quadratic without Fisher tail)."""
-
-    def loss(theta):
-        return ft_loss_fn(theta_star + _project_out(basis, theta - theta_star))
-
-    return loss
-
-
-def _c_fisher_c(problem) -> jax.Array:
-    base = problem.base
-    return jnp.sum(base.fisher_values * (base.fisher_vectors.T @ problem.curvature) ** 2)
-
-
-def plain_leak_coefficient(problem, basis: jax.Array) -> jax.Array:
-    """*(ours; curved family, Pg = 0, no Fisher tail)* plain fine-tuning's ``Δu ≈ c₄ t⁴``.
-
-    ``r = Bᵀφ(δ) = Bᵀδ + Bᵀc ‖δ‖²`` with ``δ = −tg + (t²/2)Hg + O(t³)`` and ``Bᵀg = 0`` gives
-    ``r = t² Bᵀ(½ Hg + c ‖g‖²) + O(t³)``: ``c₄ = ½ ‖Λ^{1/2} Bᵀ(½ Hg + c‖g‖²)‖²`` (docs/theory.md §3,
-    ``c₄ = ½ vᵀFv`` with ``v = ½ Hg + ½ ∇²φ[g, g]``). The paper's γ_F²/8 is its ``c = 0`` part.
-    """
-    base = problem.base
-    g = base.ft_grad
-    v = 0.5 * (base.ft_hessian @ g) + problem.curvature * jnp.vdot(g, g)
-    fv = (base.fisher_vectors * base.fisher_values[None, :]) @ (base.fisher_vectors.T @ v)
-    pv = basis @ (basis.T @ v)
-    return 0.5 * jnp.vdot(pv, fv)
-
-
-def tracked_leak_coefficient(problem, basis: jax.Array, lr: float) -> jax.Array:
-    """*(ours; curved family, no Fisher tail)* the tracked projection's leak ``Δu ≈ a t²``.
-
-    With ``φ(θ) = θ + c‖θ‖²`` the residual ``r = Bᵀφ`` changes over a step ``s`` by
-    ``BᵀJ(θ)s + Bᵀc ‖s‖²``; a step projected off M(θ) = range(J(θ)ᵀB) kills the first term, so
-    exactly ``r_K = Bᵀc Σ_k ‖s_k‖²`` and ``Δu = ½ (cᵀFc) (Σ_k ‖s_k‖²)²``. At small t,
-    ``Σ_k ‖s_k‖² ≈ η t ‖(I − P)g‖²``: ``a = ½ (cᵀFc) η² ‖(I − P)g‖⁴`` (slope 2, prefactor η²).
-    A projection refreshed every k steps is the same with η → kη (its blocks of k steps are the
-    steps): ``Δu ≈ k² a t²``; the fixed projection is ``k η = t``.
-    """
-    gp = _project_out(basis, problem.base.ft_grad)
-    return 0.5 * _c_fisher_c(problem) * lr**2 * jnp.vdot(gp, gp) ** 2
-
-
-def fixed_leak_coefficient(problem, basis: jax.Array) -> jax.Array:
-    """*(ours; curved family, no Fisher tail)* the fixed projection's leading term ``Δu ≈ b t⁴``:
-    Pδ ≡ 0 leaves ``r = Bᵀc ‖δ‖²`` with ``δ ≈ −t(I − P)g``, so ``b = ½ (cᵀFc) ‖(I − P)g‖⁴``.
-    (The exact coefficient, every order, is :func:`projected_ft_loss` + ``taylor_onset``.)"""
-    return tracked_leak_coefficient(problem, basis, 1.0)
-
-
-def tail_leak_coefficient(problem, basis: jax.Array) -> jax.Array:
-    """*(ours)* the floor of every rank-d projection defence when F has mass outside M: the
-    projected step ``−t(I − P)g`` still meets the Fisher tail at first order, so
-    ``Δu ≥ a_tail t² + O(t³)`` with ``a_tail = ½ ((I − P)g)ᵀ F ((I − P)g)`` (zero without tail)."""
-    base = problem.base if hasattr(problem, "base") else problem
-    gp = _project_out(basis, base.ft_grad)
-    return 0.5 * jnp.sum(base.fisher_values * (base.fisher_vectors.T @ gp) ** 2)

@@ -153,6 +153,19 @@ def forecast_at(align_loss_fn: Callable, ft_loss_fn: Callable, theta: jax.Array)
     return theory.Forecast.from_vectors(grad_a, curvature.hvp_fn(align_loss_fn, theta), g, hg)
 
 
+def _inputs(grad_a, align_mv, g, hg, lam, basis, lambda_max_ft) -> ForecastInputs:
+    """:class:`ForecastInputs` from the vectors at θ and M's ``basis`` and eigenvalues ``lam``."""
+    fc = theory.Forecast.from_vectors(grad_a, align_mv, g, hg)
+    return ForecastInputs(
+        fc,
+        lam,
+        measure.fisher_norm(lam, basis, hg),
+        measure.fisher_norm(lam, basis, g),
+        jnp.linalg.norm(basis.T @ g),
+        lambda_max_ft,
+    )
+
+
 def diagnose_dense(
     align_loss_fn: Callable, ft_loss_fn: Callable, theta: jax.Array, rank: int
 ) -> ForecastInputs:
@@ -166,16 +179,8 @@ def diagnose_dense(
     lam, basis = w[::-1][:rank], v[:, ::-1][:, :rank]
     g = jax.grad(ft_loss_fn)(theta)
     grad_a = jax.grad(align_loss_fn)(theta)
-    hg = h_ft @ g
-    fc = theory.Forecast.from_vectors(grad_a, lambda x: h_a @ x, g, hg)
-    return ForecastInputs(
-        fc,
-        lam,
-        measure.fisher_norm(lam, basis, hg),
-        measure.fisher_norm(lam, basis, g),
-        jnp.linalg.norm(basis.T @ g),
-        subspace.lambda_max(curvature.symmetrize(h_ft), method="dense").value,
-    )
+    lam_ft = subspace.lambda_max(curvature.symmetrize(h_ft), method="dense").value
+    return _inputs(grad_a, lambda x: h_a @ x, g, h_ft @ g, lam, basis, lam_ft)
 
 
 def diagnose_lanczos(
@@ -195,15 +200,8 @@ def diagnose_lanczos(
     g = jax.grad(ft_loss_fn)(theta)
     grad_a = jax.grad(align_loss_fn)(theta)
     hg = curvature.hvp(ft_loss_fn, theta, g)
-    fc = theory.Forecast.from_vectors(grad_a, curvature.hvp_fn(align_loss_fn, theta), g, hg)
-    return ForecastInputs(
-        fc,
-        lam,
-        measure.fisher_norm(lam, basis, hg),
-        measure.fisher_norm(lam, basis, g),
-        jnp.linalg.norm(basis.T @ g),
-        jnp.asarray(lambda_max_ft, theta.dtype),
-    )
+    align_mv = curvature.hvp_fn(align_loss_fn, theta)
+    return _inputs(grad_a, align_mv, g, hg, lam, basis, jnp.asarray(lambda_max_ft, theta.dtype))
 
 
 # ----------------------------------------------------------------------------------------------
