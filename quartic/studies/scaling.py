@@ -1,0 +1,243 @@
+"""Does the quartic window open as models grow? The AIC from 2k to 1M parameters, matrix-free.
+
+For an aligned transformer of each size (θ* as the collapse study builds it, float64 at every size:
+1M parameters are 8 MB) and each benign task, every quantity of the AIC and of the Taylor onset is
+measured without an ``n × n`` matrix:
+
+- the skill's true Fisher F = (1/N) Σ_i J_iᵀ (diag p_i − p_i p_iᵀ) J_i as a Gauss–Newton matvec
+  (:class:`quartic.core.aic.GaussNewton`, one jvp and one vjp), its exact trace from per-example
+  Jacobians (:func:`quartic.core.curvature.fisher_trace`: 34 backward passes of the batch, cheaper
+  than a Hutchinson estimate), its top eigenpairs by Lanczos with their residuals;
+- per task: :func:`quartic.core.aic.check_aic` (``method="lanczos"``, the KL drift as L_A: its
+  Hessian at θ* is F exactly), the exact Taylor coefficients c₁…c₆ (jets), the simulated KL drift
+  along the gradient flow of the task (RK4) against the second-order forecast.
+
+:func:`fisher_spectrum` is task-independent (one per model); :func:`task_scaling` is one task.
+:func:`power_law` fits ``y = a nᵇ`` with a bootstrap and extrapolates with a prediction interval.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from quartic.core import aic, curvature, dynamics, fitting, theory
+from quartic.core.errors import QuarticError
+from quartic.models.transformer import PRESETS, TransformerConfig, count_params
+from quartic.studies import collapse
+from quartic.studies.training import make_aligned_model
+from quartic.tasks import token_world as tw
+
+#: The sizes of the study: the model presets plus a 300k model (4 layers, 4 heads, d_ff = 4 d).
+SIZES: dict[str, tuple[int, int, int, int]] = {**PRESETS, "300k": (300_000, 4, 4, 4)}
+
+
+def model_config(size: str, world: tw.TokenWorld) -> TransformerConfig:
+    """A float64 config of about ``size`` parameters (the preset's rule: width closest to target)."""
+    if size not in SIZES:
+        raise QuarticError(f"unknown size {size!r}; choose one of {sorted(SIZES)}")
+    target, layers, heads, ff = SIZES[size]
+    v, t = world.vocab_size, world.config.seq_len
+    cfgs = [
+        TransformerConfig(v, t, d, heads, layers, ff * d, param_dtype="float64")
+        for d in range(heads, 2048 + 1, heads)
+    ]
+    return min(cfgs, key=lambda c: abs(count_params(c, include_lora=False) - target))
+
+
+@functools.cache
+def aligned(size: str, seed: int = 0, category: int = 0, world_seed: int = 0):
+    """θ* of ``size`` (model seed ``seed``) and its :class:`~quartic.studies.collapse.CollapseSetup`
+    (presets through :func:`collapse.aligned_setup`, so the θ* cache is shared)."""
+    if size in PRESETS:
+        return collapse.aligned_setup(size, category, world_seed, seed)
+    jax.config.update("jax_enable_x64", True)
+    world = tw.TokenWorld(tw.WorldConfig(seed=world_seed))
+    model = make_aligned_model(model_config(size, world), world, seed=seed, progress=False)
+    return model, collapse.CollapseSetup(model.apply_fn, model.theta_star, world, category)
+
+
+def fisher_ops(setup: collapse.CollapseSetup) -> aic.GaussNewton:
+    """The skill's true Fisher as a :class:`~quartic.core.aic.GaussNewton` of the answer logits
+    (one object per setup, so every check of the setup reuses one compiled program)."""
+    apply_fn, to_params = setup.apply_fn, setup.to_params
+    return setup.compiled(
+        ("scaling_gauss_newton",),
+        lambda: aic.GaussNewton(lambda th, batch: tw.answer_logits(apply_fn, to_params(th), batch)),
+    )
+
+
+def exact_trace(setup: collapse.CollapseSetup, batch_size: int = 8) -> float:
+    """``tr F`` exactly, from per-example Jacobians of the answer logits (no n × n matrix)."""
+    apply_fn, to_params = setup.apply_fn, setup.to_params
+
+    def single(th, tok, p):
+        return apply_fn(to_params(th), tok[None, :])[0, p, :]
+
+    tokens = jnp.asarray(setup.skill["tokens"])
+    pos = tw.first_answer_position(setup.skill["mask"])
+    fn = jax.jit(
+        lambda th, tok, p: curvature.fisher_trace(single, th, tok, p, batch_size=batch_size)
+    )
+    return float(fn(setup.theta, tokens, pos))
+
+
+def fisher_spectrum(
+    setup: collapse.CollapseSetup, trace: float, k: int = 40, rank: int = 10, share: float = 0.9
+) -> tuple[dict, jax.Array]:
+    """F's top ``k`` eigenpairs by Lanczos (``3k`` steps, residuals reported), with the top-``rank``
+    share of the trace, the d that holds ``share`` of it (``None`` when more than ``k``), and the
+    effective rank ``tr(F)² / tr(F²)`` bracketed exactly: ``Σ_top λ² ≤ tr F² ≤ Σ_top λ² + λ_k·tail``.
+    Returns ``(numbers, top-k eigenvectors [n, k])``."""
+    gn = fisher_ops(setup)
+    data = setup.skill
+
+    @jax.jit
+    def run(theta, batch):
+        mv = gn.matvec(theta, lambda th, _: th, None, batch)
+        return curvature.lanczos_eigh(mv, theta.shape[0], k, 0, num_iters=3 * k, dtype=theta.dtype)
+
+    res = run(setup.theta, data).top
+    w = np.asarray(res.values)
+    cum = np.cumsum(np.clip(w, 0, None)) / trace
+    hit = np.nonzero(cum >= share)[0]
+    tail = max(trace - float(np.sum(w)), 0.0)
+    sq = float(np.sum(w**2))
+    out = {
+        "k": k,
+        "eigenvalues": w.tolist(),
+        "residuals": np.asarray(res.residuals).tolist(),
+        "trace": trace,
+        "share_top_d": float(cum[rank - 1]),
+        "d_share": int(hit[0]) + 1 if hit.size else None,
+        "share": share,
+        "share_top_k": float(cum[-1]),
+        "effective_rank_bounds": [trace**2 / (sq + w[-1] * tail), trace**2 / sq],
+    }
+    return out, res.vectors
+
+
+def task_scaling(
+    setup: collapse.CollapseSetup,
+    task: str,
+    trace: float,
+    spectrum_vectors: jax.Array,
+    d_share: int | None,
+    rank: int = 10,
+    num_iters: int = 60,
+    taylor_order: int = 6,
+    t_lambda: tuple[float, float] = (1e-3, 0.1),
+    num_times: int = 6,
+) -> dict:
+    """Every scaling quantity of one benign task at θ* (the KL drift as the alignment loss)."""
+    batch = setup.task_batch(task)
+    ft_data = (batch, jnp.zeros_like(setup.theta), setup.theta)
+    kl_fn, kl_data = setup.align_fns["kl"], setup.align_data["kl"]
+    rep = aic.check_aic(
+        kl_fn,
+        setup.ft_fn,
+        setup.theta,
+        rank=rank,
+        align_batch=kl_data,
+        ft_batch=ft_data,
+        fisher=fisher_ops(setup),
+        fisher_batch=setup.skill,
+        method="lanczos",
+        num_iters=num_iters,
+        fisher_trace=trace,
+    )
+    onset = theory.taylor_onset(
+        kl_fn, setup.ft_fn, setup.theta, taylor_order, align_args=(kl_data,), ft_args=(ft_data,)
+    )
+    coef = np.asarray(onset.coefficients)
+    order, _ = onset.onset(rtol=1e-6)
+    q4 = rep.quartic_coefficient
+    lam = rep.lambda_max_ft
+    ts = dynamics.log_times(t_lambda[0] / lam, t_lambda[1] / lam, num_times)
+    flow = collapse._flow_fn(setup)
+    traj = flow(
+        setup.theta,
+        jnp.asarray(ts),
+        ft_data,
+        rep.basis,
+        jnp.asarray(rep.eigenvalues[:rank]),
+        setup.align_value("refusal", setup.theta),
+    ).checked()
+    du = np.asarray(jax.device_get(traj.observables)["du_kl"])
+    fc = np.asarray(rep.forecast.flow(ts))
+    err = collapse.forecast_errors(ts, du, fc, np.asarray(rep.forecast.taylor()), 0.0)
+    g = jax.jit(jax.grad(setup.ft_fn))(setup.theta, ft_data)
+    g_norm = float(jnp.linalg.norm(g))
+    share_ratio = (
+        float(jnp.linalg.norm(spectrum_vectors[:, :d_share].T @ g)) / g_norm if d_share else None
+    )
+    slope = fitting.local_slope(ts, np.abs(du))
+    return {
+        "task": task,
+        "n": setup.n,
+        "rank": rank,
+        "ortho_ratio": rep.ortho_ratio,
+        "random_ortho_ratio": math.sqrt(rank / setup.n),
+        "ortho_ratio_d_share": share_ratio,
+        "random_ortho_ratio_d_share": math.sqrt(d_share / setup.n) if d_share else None,
+        "lambda_d": rep.lambda_d,
+        "tail_mass": rep.tail_mass,
+        "gamma_fisher": rep.gamma_fisher,
+        "crossover_time": rep.crossover_time,
+        "lambda_max_ft": lam,
+        "lambda_max_ft_residual": rep.lambda_max_ft_residual,
+        "t_cross_lambda": rep.crossover_time * lam,
+        "residuals_max": float(np.max(rep.residuals)),
+        "taylor_coefficients": coef.tolist(),
+        "onset_order": order,
+        "c4_over_gamma_f": float(coef[3] / q4) if order == 4 and q4 > 0 else None,
+        "flow_t_lambda": (ts * lam).tolist(),
+        "flow_delta_u": du.tolist(),
+        "flow_onset_slope": float(slope[0]),
+        "forecast_max_rel_error": float(np.max(err["relative"])),
+        "warnings": rep.warnings,
+    }
+
+
+def power_law(n, y, extrapolate_to=(), num: int = 2000, seed: int = 0, level: float = 0.95):
+    """Fit ``log y = log a + b log n`` by least squares; bootstrap (pairs resampled) intervals of
+    ``b`` and of ``y`` at each ``extrapolate_to`` size, the latter a prediction interval (each
+    bootstrap prediction plus a residual drawn from that fit). Non-positive or non-finite ``y`` are
+    dropped (their count is returned). ``None`` when fewer than two sizes remain."""
+    n, y = np.asarray(n, float), np.asarray(y, float)
+    keep = np.isfinite(y) & (y > 0)
+    x, ly = np.log(n[keep]), np.log(y[keep])
+    if np.unique(x).size < 2:
+        return None
+    b, a = np.polyfit(x, ly, 1)
+    rng = np.random.default_rng(seed)
+    slopes, preds = [], []
+    xe = np.log(np.asarray(extrapolate_to, float))
+    for _ in range(num):
+        i = rng.integers(0, x.size, x.size)
+        if np.unique(x[i]).size < 2:
+            continue
+        bb, aa = np.polyfit(x[i], ly[i], 1)
+        resid = ly[i] - (aa + bb * x[i])
+        slopes.append(bb)
+        preds.append(aa + bb * xe + rng.choice(resid, xe.size))
+    q = [(1 - level) / 2, (1 + level) / 2]
+    preds = np.asarray(preds).reshape(len(slopes), xe.size)
+    return {
+        "exponent": float(b),
+        "prefactor": float(np.exp(a)),
+        "exponent_interval": np.quantile(slopes, q).tolist(),
+        "dropped": int((~keep).sum()),
+        "points": int(keep.sum()),
+        "extrapolation": {
+            f"{ne:.3g}": {
+                "fit": float(np.exp(a + b * lx)),
+                "interval": np.exp(np.quantile(preds[:, j], q)).tolist(),
+            }
+            for j, (ne, lx) in enumerate(zip(extrapolate_to, xe, strict=True))
+        },
+    }
