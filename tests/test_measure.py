@@ -55,6 +55,10 @@ def test_statistics():
 def test_effective_rank_and_fisher_norm():
     assert measure.effective_rank(jnp.array([2.0, 2.0, 2.0, 0.0])) == pytest.approx(3.0)
     assert measure.effective_rank(jnp.array([1.0, 0.0])) == pytest.approx(1.0)
+    from quartic.studies.diagnose import curvature_rank_report  # the same definition, clipped
+
+    rep = curvature_rank_report(np.array([2.0, 2.0, -1e-12]), trace=4.0)
+    assert rep["effective_rank"] == pytest.approx(2.0) and rep["share_top"][1] == 0.5
     basis = jnp.eye(3)[:, :2]
     lam = jnp.array([4.0, -1.0])  # a negative eigenvalue contributes nothing
     v = jnp.array([1.0, 5.0, 7.0])

@@ -297,13 +297,13 @@ def plot_diagnosis(diag: Diagnosis, path) -> Any:
 
 
 def curvature_rank_report(eigenvalues, trace) -> dict:
-    """Share of the trace in the top d for a few d, and the effective rank (tr/λ₁, participation)."""
+    """Share of the trace in the top d for a few d, and the effective rank of the spectrum's
+    positive part (:func:`quartic.core.measure.effective_rank`)."""
     w = np.clip(np.asarray(eigenvalues), 0, None)
     share = np.cumsum(w) / max(trace, 1e-300)
-    eff = float(np.sum(w) ** 2 / max(np.sum(w**2), 1e-300))
     return {
         "share_top": {d: float(share[d - 1]) for d in (1, 2, 5, 10, 20) if d <= len(w)},
-        "effective_rank": eff,
+        "effective_rank": measure.effective_rank(w),
     }
 
 
