@@ -193,9 +193,9 @@ def test_ablation_ladder_smoke(tmp_path, monkeypatch, exp, cfg):
     summary = mod.run(config, tmp_path)
     saved = RunDir(tmp_path).read_summary()
     assert saved == summary and summary["n_failed"] == 0
-    assert summary["quadratic_ladder_ok"] and summary["quadratic_max_exponent_error"] < 0.1
+    # the rungs' slopes are checked once, in test_ladder_exponents_on_the_quadratic_family
+    assert summary["quadratic_ladder_ok"]
     quad = summary["quadratic"]
-    assert quad["phg_zero"]["onset_measured"] == pytest.approx(6, abs=0.1)
     assert quad["first_order_leak"]["t_cross_measured"] == pytest.approx(
         quad["first_order_leak"]["t_cross_predicted"], rel=0.05
     )

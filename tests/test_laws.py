@@ -57,31 +57,6 @@ def test_quartic_ratio_approaches_one_linearly(h_range):
         assert np.all(np.abs(slope - theory.ORDER) <= 0.01), (seed, slope)
 
 
-def test_onset_ladder_slopes():
-    """Leak → 2, the paper's law → 4, PHg = 0 → 6, no coupling block → Δu ≡ 0."""
-    key = jax.random.PRNGKey(11)
-    cases = {
-        "first_order_leak": q.QuadraticSpec(n=30, d=3, leak=0.3),
-        "quartic": q.QuadraticSpec(n=30, d=3),
-        "phg_zero": q.QuadraticSpec(n=30, d=3, phg_zero=True),
-    }
-    tol = {"first_order_leak": 0.02, "quartic": 0.01, "phg_zero": 0.05}
-    for name, spec in cases.items():
-        prob, basis = q.make_quadratic(key, spec)
-        ts = np.geomspace(1e-5, 1e-3, 20) / _lam_max(prob)
-        du = prob.delta_u(prob.flow(ts))
-        slope = fitting.local_slope(ts, du)
-        assert np.all(np.abs(slope - theory.LADDER[name]) <= tol[name]), (name, slope)
-        fit = fitting.fit_exponent(ts, du)
-        assert abs(fit.exponent - theory.LADDER[name]) <= tol[name]
-    prob, _ = q.make_quadratic(key, q.QuadraticSpec(n=30, d=3, coupling=0.0))
-    ts = np.geomspace(1e-3, 1.0, 20)
-    du = prob.delta_u(prob.flow(ts))
-    # machine precision: (ε ‖δ‖)² λ_1 with ‖δ‖ ≤ t ‖g‖
-    assert np.all(np.abs(du) <= 10 * (np.finfo(float).eps * ts) ** 2 * 10.0)
-    assert theory.LADDER["no_coupling"] is None
-
-
 def test_leak_crossover_time_is_where_t2_meets_t4():
     spec = q.QuadraticSpec(n=30, d=3, leak=1e-6, coupling=1.0)
     prob, _ = q.make_quadratic(jax.random.PRNGKey(2), spec)
