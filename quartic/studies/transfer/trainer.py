@@ -31,8 +31,8 @@ import numpy as np
 import optax
 
 from quartic.core.errors import DivergenceError, QuarticError
+from quartic.core.train import optax_promotion
 from quartic.models.transformer import TransformerConfig
-from quartic.studies.training import _optax_promotion
 from quartic.studies.transfer.models import _model_fns
 from quartic.tasks.synonyms import PAD
 
@@ -179,7 +179,7 @@ def _fit_program(
             loss, grads = jax.value_and_grad(
                 lambda t: loss_fn(full(t, frozen_leaves), batch, k_loss)
             )(tl)
-            with _optax_promotion():
+            with optax_promotion():
                 updates, opt_state = optimizer.update(grads, opt_state, tl)
             return (optax.apply_updates(tl, updates), opt_state), loss
 
