@@ -30,7 +30,7 @@ import optax
 from jax.flatten_util import ravel_pytree
 from tqdm.auto import tqdm
 
-from quartic.core.errors import DivergenceError
+from quartic.core.errors import DivergenceError, QuarticError
 
 __all__ = [
     "TrainResult",
@@ -190,11 +190,11 @@ def train(
         optimizer state of the last finite step and the losses so far.
     """
     if n_steps < 0 or chunk_size < 1:
-        raise ValueError(f"need n_steps >= 0 and chunk_size >= 1, got {n_steps}, {chunk_size}")
+        raise QuarticError(f"need n_steps >= 0 and chunk_size >= 1, got {n_steps}, {chunk_size}")
     if isinstance(batch_size, dict):
         missing = set(batch_size) - set(data)
         if missing:
-            raise ValueError(f"batch_size names datasets {sorted(missing)} that data lacks")
+            raise QuarticError(f"batch_size names datasets {sorted(missing)} that data lacks")
         batch_size = tuple(sorted(batch_size.items()))
     data = jax.tree.map(jnp.asarray, data)
     opt_state = optimizer.init(params) if opt_state is None else opt_state

@@ -37,6 +37,7 @@ import optax
 
 from quartic.core import aic, curvature, dynamics, fitting, measure, pytree, theory
 from quartic.core.cache import BoundedCache
+from quartic.core.errors import QuarticError
 from quartic.core.measure import spearman  # noqa: F401  (still importable from here)
 from quartic.models import TransformerConfig
 from quartic.studies.training import AlignedModel, make_aligned_model
@@ -388,7 +389,7 @@ def orthogonal_variant(
     every projector rank.
     """
     if taylor_order < 4:
-        raise ValueError(f"taylor_order must be >= 4 to read c₄, got {taylor_order}")
+        raise QuarticError(f"taylor_order must be >= 4 to read c₄, got {taylor_order}")
     batch = setup.task_batch(task)
     g = jax.jit(jax.grad(setup.lm_fn))(setup.theta, batch)
     w, v = curvature.eigh_descending(fisher)
@@ -397,9 +398,9 @@ def orthogonal_variant(
     elif onto == "rank":
         k = rank if projector_rank is None else projector_rank
         if not 1 <= k < setup.n:
-            raise ValueError(f"projector_rank must lie in [1, n = {setup.n}), got {k}")
+            raise QuarticError(f"projector_rank must lie in [1, n = {setup.n}), got {k}")
     else:
-        raise ValueError(f"onto must be 'range' or 'rank', got {onto!r}")
+        raise QuarticError(f"onto must be 'range' or 'rank', got {onto!r}")
     pi_g = v[:, :k] @ (v[:, :k].T @ g)
     res = task_law(setup, fisher, task, rank, t_lambda, num_times, taylor_order, shift=pi_g)
     res["onto"] = onto
@@ -436,14 +437,14 @@ def lora_reparam(setup: CollapseSetup, rank: int, key: jax.Array):
     measured in the full parameter space. Returns ``(phi0 [m], theta_of_phi)``.
     """
     if rank < 1:
-        raise ValueError(f"LoRA rank must be >= 1, got {rank}")
+        raise QuarticError(f"LoRA rank must be >= 1, got {rank}")
     kernels = {
         jax.tree_util.keystr(path): leaf.shape
         for path, leaf in jax.tree_util.tree_flatten_with_path(setup.params)[0]
         if jax.tree_util.keystr(path).endswith("['kernel']") and leaf.ndim == 2
     }
     if not kernels:
-        raise ValueError("the model has no 2-d kernel to adapt")
+        raise QuarticError("the model has no 2-d kernel to adapt")
     keys = jax.random.split(key, len(kernels))
     adapters = {
         name: (
@@ -532,7 +533,7 @@ def long_finetune(
     ``‖F^{1/2}PΔθ‖``.
     """
     if optimizer not in ("adam", "sgd"):
-        raise ValueError(f"optimizer must be 'adam' or 'sgd', got {optimizer!r}")
+        raise QuarticError(f"optimizer must be 'adam' or 'sgd', got {optimizer!r}")
     n_rows = len(setup.task_batch(task)["tokens"])
     rng = np.random.default_rng([seed, zlib.crc32(task.encode())])
     rows = np.sort(rng.choice(n_rows, max(1, int(subsample * n_rows)), replace=False))

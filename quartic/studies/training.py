@@ -269,12 +269,12 @@ def make_aligned_model(
     """
     align = align or AlignConfig()
     if (config.vocab_size, config.seq_len) != (world.vocab_size, world.config.seq_len):
-        raise ValueError(
+        raise QuarticError(
             f"config has vocab_size={config.vocab_size}, seq_len={config.seq_len} but the world "
             f"has {world.vocab_size}, {world.config.seq_len}"
         )
     if config.n_classes is not None or not config.causal:
-        raise ValueError(
+        raise QuarticError(
             "make_aligned_model needs a causal LM config (n_classes=None, causal=True)"
         )
     key = checkpoint_key(config, world.config, seed, align)
