@@ -46,7 +46,7 @@ from quartic.studies.optimisers import (
 TITLE = "Other optimisers: noisy SGD crossover, heavy-ball and Adam leading terms vs simulation"
 QUICK_SECONDS = 25.0
 
-#: Acceptance thresholds (the brief): SGD crossover, momentum and Adam leading terms.
+#: Acceptance thresholds of the optimiser study: SGD crossover, momentum and Adam leading terms.
 SGD_TOL, MOMENTUM_TOL, ADAM_TOL = 0.25, 0.10, 0.10
 
 

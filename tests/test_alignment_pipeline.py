@@ -151,7 +151,7 @@ def test_lbfgs_matches_least_squares():
     assert res.losses.size < 60
 
 
-# ----- theta*: the acceptance numbers of issue 3 -----
+# ----- theta*: the transformer study's acceptance numbers -----
 
 WORLD = tw.WorldConfig(seed=0)
 MODEL = TransformerConfig.preset("7k", vocab_size=34, seq_len=12, param_dtype="float64")
