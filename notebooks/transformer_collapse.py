@@ -38,7 +38,9 @@ world = tw.TokenWorld(tw.WorldConfig(seed=0))
 cfg = TransformerConfig.preset(
     "2k", vocab_size=world.vocab_size, seq_len=world.config.seq_len, param_dtype="float64"
 )
-aligned = make_aligned_model(cfg, world, seed=0, cache_dir=OUT / "cache", progress=False)
+# a θ* cache shared with other runs (the test suite sets one), else this run's own folder
+CACHE = pathlib.Path(os.environ.get("QUARTIC_THETA_CACHE") or OUT / "cache")
+aligned = make_aligned_model(cfg, world, seed=0, cache_dir=CACHE, progress=False)
 print(
     {k: aligned.report[k] for k in ("grad_ratio",)}, aligned.report["after"]["harmfulness_heldout"]
 )

@@ -1,6 +1,7 @@
 """Test configuration: exactness claims are made in float64, and silent promotion is an error."""
 
 import jax
+import pytest
 
 jax.config.update("jax_enable_x64", True)
 jax.config.update("jax_numpy_rank_promotion", "raise")
@@ -11,3 +12,25 @@ from quartic.harness import compile_cache  # noqa: E402
 
 # Compiled programs are kept between runs of the suite, as for the `quartic` command.
 compile_cache.enable()
+
+
+@pytest.fixture(scope="session")
+def theta_star_cache(tmp_path_factory):
+    """One θ* cache for the session: the 2k aligned transformer is trained once, then read back by
+    every test (and every notebook run, through ``QUARTIC_THETA_CACHE``) that needs it."""
+    return tmp_path_factory.mktemp("theta_star")
+
+
+@pytest.fixture(scope="session")
+def aligned_2k(theta_star_cache):
+    """``(world, aligned)``: the token world (seed 0) and its 2,184-parameter float64 θ*."""
+    from quartic.models import TransformerConfig
+    from quartic.studies.training import make_aligned_model
+    from quartic.tasks import token_world as tw
+
+    world = tw.TokenWorld(tw.WorldConfig(seed=0))
+    cfg = TransformerConfig.preset(
+        "2k", vocab_size=world.vocab_size, seq_len=world.config.seq_len, param_dtype="float64"
+    )
+    aligned = make_aligned_model(cfg, world, seed=0, cache_dir=theta_star_cache, progress=False)
+    return world, aligned

@@ -1,4 +1,4 @@
-"""The transformer experiment's engine (quartic.studies.collapse) on the 2k-parameter θ*: issue 3's
+"""The transformer experiment's engine (quartic.studies.collapse) on the 2k-parameter θ*: its
 exactness claims, asserted on a real aligned model (float64)."""
 
 import jax
@@ -8,23 +8,14 @@ import pytest
 
 from quartic.core import theory
 from quartic.core.problems import QuadraticSpec, make_quadratic
-from quartic.models import TransformerConfig
 from quartic.studies import collapse
-from quartic.studies.training import make_aligned_model
-from quartic.tasks import token_world as tw
 
 RANK = 10
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory):
-    world = tw.TokenWorld(tw.WorldConfig(seed=0))
-    cfg = TransformerConfig.preset(
-        "2k", vocab_size=world.vocab_size, seq_len=world.config.seq_len, param_dtype="float64"
-    )
-    aligned = make_aligned_model(
-        cfg, world, seed=0, cache_dir=tmp_path_factory.mktemp("theta"), progress=False
-    )
+def setup(aligned_2k):
+    world, aligned = aligned_2k  # the session's θ* (tests/conftest.py)
     s = collapse.CollapseSetup(aligned.apply_fn, aligned.theta_star, world, 0)
     return s, collapse.dense_fisher(s)
 
@@ -65,9 +56,10 @@ def test_lora_reparam_starts_at_theta_star_and_moves_kernels_by_rank_r(setup):
 def test_forecast_and_orthogonal_variant_on_the_aligned_transformer(setup):
     s, fisher = setup
     law = collapse.task_law(s, fisher, "sort", RANK, num_times=16, taylor_order=4)
-    for name in ("kl", "refusal"):
-        # issue 3: the second-order forecast within 5 % of Δu for t·λ_max(H_FT) ≤ 0.1
-        assert law[name]["forecast_max_scaled_error_tl_le_0.1"] <= 0.05, name
+    # the second-order forecast against Δu for t·λ_max(H_FT) ≤ 0.1, scaled by the series' terms:
+    # measured 0.19 % (KL drift) and 2.2 % (refusal loss); tolerances about 2.5× those
+    for name, tol in (("kl", 0.005), ("refusal", 0.05)):
+        assert law[name]["forecast_max_scaled_error_tl_le_0.1"] <= tol, name
     assert law["kl"]["aic"]["align_grad_norm"] < 1e-12  # the KL drift's premise is exact
     assert law["kl"]["onset_order"] == 2  # natural task: Fg ≠ 0, a t² leak
 
@@ -75,7 +67,24 @@ def test_forecast_and_orthogonal_variant_on_the_aligned_transformer(setup):
         s, fisher, "sort", RANK, "range", num_times=16, taylor_order=4
     )
     c = np.asarray(orth["kl"]["taylor_coefficients"])
-    assert np.all(np.abs(c[:3]) <= 1e-8 * abs(c[3]))  # c₁ = c₂ = c₃ = 0 up to rounding
-    # Δu/(c₄t⁴) = 1 + O(c₅ t / c₄) with c₅/c₄ ~ λ_max(H)/2: ≤ 1 % at t·λ = 1e-2
-    assert abs(orth["kl"]["ratio_to_c4_smallest_t"] - 1) < 0.05
+    # c₁ = c₂ = c₃ = 0 up to rounding: max |c₁..₃|/c₄ measured 1.0e-12
+    assert np.all(np.abs(c[:3]) <= 3e-12 * abs(c[3]))
+    # Δu/(c₄t⁴) = 1 + O(c₅ t / c₄) with c₅/c₄ ~ λ_max(H)/2: ≤ 1 % at t·λ = 1e-2 (0.55 % measured)
+    assert abs(orth["kl"]["ratio_to_c4_smallest_t"] - 1) < 0.01
+    # the exact c₄ against the paper's γ_F²/8: 1.026 measured, the output-curvature terms small
+    # but present (more than a third of the measured 2.6 %, less than 3× it)
+    assert 0.008 < orth["kl"]["c4_over_gamma_f"] - 1 < 0.08
     assert orth["kl"]["slope4_window"] is not None
+
+
+def test_gauss_newton_and_kl_hessian_equal_the_true_fisher(setup):
+    """At θ* the Gauss–Newton part of the refusal Hessian (by the logits' own Hessian, sandwiched
+    by J) and the KL drift's exact Hessian both equal the true Fisher to float64 precision
+    (quick run: 8.4e-14 and 3.0e-15 relative); the refusal Hessian itself does not (its residual
+    term)."""
+    s, _ = setup
+    out, _ = collapse.skill_curvature(s, RANK, jax.random.PRNGKey(0))
+    assert out["gauss_newton_vs_fisher"] < 1e-10
+    assert out["hessian_kl_vs_fisher"] < 1e-10
+    assert out["fisher_vs_matvec_form"] < 1e-10
+    assert out["hessian_refusal_vs_fisher"] > 0.1

@@ -52,7 +52,7 @@ def _execute(path: pathlib.Path, out: pathlib.Path, cache: pathlib.Path) -> dict
 
 
 @pytest.fixture(scope="module")
-def runs(request, tmp_path_factory):
+def runs(request, tmp_path_factory, theta_star_cache):
     """Start every notebook this session selected, ``WORKERS`` at a time; name -> future."""
     wanted = {
         item.callspec.params["notebook"]
@@ -60,6 +60,9 @@ def runs(request, tmp_path_factory):
         if getattr(item, "originalname", None) == "test_notebook_runs_and_its_claims_hold"
     }
     cache = tmp_path_factory.mktemp("jax_cache")
+    if "transformer_collapse.py" in wanted:  # train the session's θ* once, before the notebooks
+        request.getfixturevalue("aligned_2k")
+    os.environ["QUARTIC_THETA_CACHE"] = str(theta_star_cache)
     pool = ThreadPoolExecutor(max_workers=WORKERS)
     futures = {
         name: pool.submit(
