@@ -11,8 +11,10 @@ from flax import nnx
 from jax.flatten_util import ravel_pytree
 
 from quartic.core import train as training_module
+from quartic.core.errors import QuarticError
 from quartic.core.train import TrainingDivergedError, minimize_full_batch, train
 from quartic.models import LoRAParam, Transformer, TransformerConfig, count_params, functional
+from quartic.studies import collapse
 from quartic.studies.training import (
     AlignConfig,
     checkpoint_key,
@@ -89,6 +91,21 @@ def test_train_samples_named_datasets_separately():
         progress=False,
     )
     assert res.losses[-1] < res.losses[0]
+
+
+def test_bad_arguments_raise_quartic_errors():
+    a, _ = regression(n=8, seed=1)
+    kw = dict(key=jax.random.key(0), progress=False)
+
+    def loss(p, b):
+        return jnp.mean(jnp.square(b["x"] @ p - b["y"]))
+
+    with pytest.raises(QuarticError, match="n_steps >= 0"):
+        train(loss, jnp.zeros(5), a, optax.sgd(0.1), n_steps=-1, **kw)
+    with pytest.raises(QuarticError, match=r"names datasets \['c'\]"):
+        train(loss, jnp.zeros(5), {"a": a}, optax.sgd(0.1), n_steps=1, batch_size={"c": 2}, **kw)
+    with jax.enable_x64(False), pytest.raises(QuarticError, match="enable it first"):
+        collapse.aligned_setup()  # library code never turns float64 on for its caller
 
 
 def test_donated_training_state_is_aliased_and_changes_nothing():

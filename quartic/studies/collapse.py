@@ -125,7 +125,6 @@ class CollapseSetup:
 
 @functools.lru_cache(maxsize=8)
 def _aligned_model(preset: str, world_seed: int, model_seed: int):
-    jax.config.update("jax_enable_x64", True)  # θ* is float64: its gradient is ~1e-5 of the start
     world = tw.TokenWorld(tw.WorldConfig(seed=world_seed))
     model_cfg = TransformerConfig.preset(
         preset, vocab_size=world.vocab_size, seq_len=world.config.seq_len, param_dtype="float64"
@@ -138,7 +137,16 @@ def aligned_setup(
 ) -> tuple[AlignedModel, CollapseSetup]:
     """θ* of the transformer ``preset`` on the token world of ``world_seed`` (float64; trained by
     :func:`quartic.studies.training.make_aligned_model` or loaded from its disk cache, once per process),
-    and its :class:`CollapseSetup` for harm ``category``. Turns on ``jax_enable_x64``."""
+    and its :class:`CollapseSetup` for harm ``category``.
+
+    θ* is float64 (its gradient is ~1e-5 of the start's) and the returned arrays are used after the
+    call, so float64 must be on for the caller: the entry point (experiment, notebook, command)
+    turns it on; this raises :class:`QuarticError` when it is off."""
+    if not jax.config.jax_enable_x64:
+        raise QuarticError(
+            "aligned_setup needs float64 (θ* is float64): enable it first with "
+            "jax.config.update('jax_enable_x64', True)"
+        )
     world, aligned = _aligned_model(preset, world_seed, model_seed)
     return aligned, CollapseSetup(aligned.apply_fn, aligned.theta_star, world, category)
 
