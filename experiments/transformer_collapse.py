@@ -91,10 +91,7 @@ def run(config: Config, out_dir: pathlib.Path) -> dict:
 
 
 def table(summary: dict) -> list[dict]:
-    rows = report.table(summary)
-    for r in rows:
-        r["experiment"] = "transformer_collapse"
-    return rows
+    return report.table(summary)  # `quartic run` names the experiment in each row
 
 
 def plot(out_dir: pathlib.Path, fig_dir: pathlib.Path) -> list[pathlib.Path]:
