@@ -4,8 +4,9 @@
 
 Sections (``--only``): ``hvp`` (gradient vs HVP on the transformer), ``dense`` (dense Hessian from
 batched vs sequential HVPs, peak memory), ``lanczos`` (top-20/bottom-5 vs dense ``eigh``; top-20 at
-1M parameters), ``aic`` (``check_aic`` end to end), ``sweep`` (quartic-law trajectories per second,
-single vs vmapped), ``peers`` (PyHessian and alignment-risk in the same process; skipped with a
+1M parameters), ``aic`` (``check_aic`` end to end), ``scaling`` (the scaling study's
+matrix-free AIC check and order-6 Taylor onset at 1M parameters in a child process, with its peak
+RSS), ``sweep`` (quartic-law trajectories per second, single vs vmapped), ``peers`` (PyHessian and alignment-risk in the same process; skipped with a
 message when torch is absent).
 
 Writes ``<out>/<device>.json`` (every measurement, machine info, settings) and ``<out>/<device>.md``
@@ -50,7 +51,17 @@ from common import (  # noqa: E402
 from quartic.core import aic, curvature, dynamics, problems, pytree  # noqa: E402
 from quartic.core import train as training  # noqa: E402
 
-SECTIONS = ("hvp", "train", "dense", "lanczos", "lanczos_1m", "aic", "sweep", "peers")
+SECTIONS = (
+    "hvp",
+    "train",
+    "dense",
+    "lanczos",
+    "lanczos_1m",
+    "aic",
+    "scaling",
+    "sweep",
+    "peers",
+)
 _cache: dict = {}
 
 
@@ -369,6 +380,37 @@ def bench_aic(quick: bool) -> dict:
 
 
 # ----------------------------------------------------------------------------------------------
+# 4b. the scaling study's matrix-free AIC check and Taylor onset, in a child process (peak RSS)
+
+
+def bench_scaling(quick: bool, sizes: tuple[str, ...] | None = None) -> dict:
+    """``benchmarks/scaling_child.py`` per size: exact Fisher trace, ``check_aic`` (d = 10,
+    Gauss–Newton matvec, Lanczos, 60 steps) and ``taylor_onset`` to order 6, each run twice (the
+    first with compilation), and the child's peak resident memory (``getrusage``)."""
+    import os
+    import subprocess
+
+    env = os.environ.get("QUARTIC_SCALING_SIZES")  # e.g. "10m,30m" (benchmarks/gpu.sh)
+    sizes = sizes or (tuple(env.split(",")) if env else ("2k", "100k") if quick else ("1m",))
+    rows = []
+    for size in sizes:
+        proc = subprocess.run(
+            [sys.executable, str(HERE / "scaling_child.py"), size, "6"],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        row = json.loads(proc.stdout.strip().splitlines()[-1])
+        rows.append(row)
+        log(
+            f"scaling {size}: n={row['n']} aic {row['aic_check']['s']:.1f}s "
+            f"(first {row['aic_check']['first_s']:.1f}s), taylor-6 {row['taylor_onset']['s']:.1f}s "
+            f"(first {row['taylor_onset']['first_s']:.1f}s), peak {row['peak_rss_bytes'] / 2**30:.2f} GiB"
+        )
+    return {"rows": rows}
+
+
+# ----------------------------------------------------------------------------------------------
 # 5. quartic-law sweep: trajectories per second
 
 
@@ -654,6 +696,24 @@ def markdown(res: dict) -> str:
                 f"{r['compile_s']:.2f} | {r['run_s']:.2f} |"
             )
         lines.append("")
+    if "scaling" in s and "rows" in s["scaling"]:
+        lines += [
+            "## Scaling study: matrix-free AIC (d = 10) and Taylor onset (order 6), child process",
+            "",
+            "| model | n | exact trace (s) | AIC check (s) [first] | Taylor-6 (s) [first] | peak RSS (GiB) |"
+            " ≤ 5 min, ≤ 5 min, ≤ 8 GB |",
+            "| --- | ---: | ---: | ---: | ---: | ---: | --- |",
+        ]
+        for r in s["scaling"]["rows"]:
+            aic_s, tay_s = r["aic_check"], r["taylor_onset"]
+            gib = r["peak_rss_bytes"] / 2**30
+            ok = aic_s["first_s"] <= 300 and tay_s["first_s"] <= 300 and gib <= 8
+            lines.append(
+                f"| {r['size']} | {r['n']:,} | {r['exact_trace']['s']:.1f} | {aic_s['s']:.1f} "
+                f"[{aic_s['first_s']:.1f}] | {tay_s['s']:.1f} [{tay_s['first_s']:.1f}] | "
+                f"{gib:.2f} | {_ok(ok)} |"
+            )
+        lines.append("")
     if "sweep" in s and "single_s" in s["sweep"]:
         r = s["sweep"]
         lines += [
@@ -862,6 +922,7 @@ def main(argv=None) -> int:
         "lanczos": bench_lanczos,
         "lanczos_1m": bench_lanczos_1m,
         "aic": bench_aic,
+        "scaling": bench_scaling,
         "sweep": bench_sweep,
         "peers": bench_peers,
     }

@@ -32,8 +32,14 @@ from quartic.studies import collapse
 from quartic.studies.training import make_aligned_model
 from quartic.tasks import token_world as tw
 
-#: The sizes of the study: the model presets plus a 300k model (4 layers, 4 heads, d_ff = 4 d).
-SIZES: dict[str, tuple[int, int, int, int]] = {**PRESETS, "300k": (300_000, 4, 4, 4)}
+#: The sizes of the study: the model presets plus a 300k model (4 layers, 4 heads, d_ff = 4 d);
+#: ``"10m"`` and ``"30m"`` are for a GPU (benchmarks/gpu.sh).
+SIZES: dict[str, tuple[int, int, int, int]] = {
+    **PRESETS,
+    "300k": (300_000, 4, 4, 4),
+    "10m": (10_000_000, 8, 8, 4),
+    "30m": (30_000_000, 12, 8, 4),
+}
 
 
 def model_config(size: str, world: tw.TokenWorld) -> TransformerConfig:

@@ -1,0 +1,91 @@
+"""One matrix-free AIC check and Taylor onset at a given size, in its own process (peak RSS).
+
+    python benchmarks/scaling_child.py SIZE [ORDER]  -> one JSON line on stdout
+
+The model is a freshly initialised float64 transformer of SIZE (``quartic.studies.scaling.SIZES``)
+on the token world: the cost of the check does not depend on training, so no θ* is trained.
+Times are wall seconds; each step runs twice, the first time with its compilation.
+"""
+
+import json
+import resource
+import sys
+import time
+
+import jax
+
+jax.config.update("jax_enable_x64", True)
+
+import jax.numpy as jnp  # noqa: E402
+from flax import nnx  # noqa: E402
+
+from quartic.core import aic, theory  # noqa: E402
+from quartic.models.transformer import Transformer, functional  # noqa: E402
+from quartic.studies import collapse, scaling  # noqa: E402
+from quartic.tasks import token_world as tw  # noqa: E402
+
+
+def timed(fn):
+    t0 = time.perf_counter()
+    out = jax.block_until_ready(fn())
+    first = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    out = jax.block_until_ready(fn())
+    return out, {"first_s": first, "s": time.perf_counter() - t0}
+
+
+def main(size: str, order: int = 6, rank: int = 10) -> dict:
+    world = tw.TokenWorld(tw.WorldConfig(seed=0))
+    model = Transformer(scaling.model_config(size, world), rngs=nnx.Rngs(0))
+    apply_fn, params = functional(model, nnx.Param)
+    setup = collapse.CollapseSetup(apply_fn, params, world, 0)
+    batch = setup.task_batch("sort")
+    ft_data = (batch, jnp.zeros_like(setup.theta), setup.theta)
+    kl, kl_data = setup.align_fns["kl"], setup.align_data["kl"]
+    per_example = 1 if setup.n > 2_000_000 else 8  # [batch, 34, n] Jacobians in flight
+    trace, t_trace = timed(lambda: scaling.exact_trace(setup, per_example))
+
+    def check():
+        rep = aic.check_aic(
+            kl,
+            setup.ft_fn,
+            setup.theta,
+            rank=rank,
+            align_batch=kl_data,
+            ft_batch=ft_data,
+            fisher=scaling.fisher_ops(setup),
+            fisher_batch=setup.skill,
+            method="lanczos",
+            num_iters=60,
+            fisher_trace=trace,
+        )
+        return rep
+
+    rep, t_aic = timed(check)
+    onset, t_taylor = timed(
+        lambda: (
+            theory.taylor_onset(
+                kl, setup.ft_fn, setup.theta, order, align_args=(kl_data,), ft_args=(ft_data,)
+            ).coefficients
+        )
+    )
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
+    return {
+        "size": size,
+        "n": setup.n,
+        "rank": rank,
+        "taylor_order": order,
+        "device": jax.devices()[0].device_kind,
+        "exact_trace": t_trace,
+        "aic_check": t_aic,
+        "taylor_onset": t_taylor,
+        "peak_rss_bytes": peak,
+        "max_residual": float(rep.residuals.max()),
+        "lambda_max_ft_residual": rep.lambda_max_ft_residual,
+        "taylor_coefficients": [float(c) for c in onset],
+    }
+
+
+if __name__ == "__main__":
+    args = sys.argv[1:]
+    print(json.dumps(main(args[0], int(args[1]) if len(args) > 1 else 6)))
