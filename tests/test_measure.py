@@ -79,3 +79,25 @@ def test_bounded_cache_evicts_the_least_recently_used():
     assert built == ["a", "b"]
     with pytest.raises(QuarticError, match="maxsize"):
         BoundedCache(0)
+
+
+def test_clear_all_empties_every_registered_cache_and_memo():
+    import jax
+
+    from quartic.core.cache import BoundedCache, clear_all, memo
+
+    calls = []
+
+    @memo(maxsize=4)
+    def square(x):
+        calls.append(x)
+        return x * x
+
+    c = BoundedCache(3)
+    c["k"] = jax.jit(lambda x: x + 1)
+    assert square(3) == 9 and square(3) == 9 and calls == [3]
+    clear_all()
+    assert len(c) == 0 and square.cache_info().currsize == 0
+    assert square(3) == 9 and calls == [3, 3]  # computed again after the clear
+    with pytest.raises(QuarticError, match="maxsize"):
+        memo(0)

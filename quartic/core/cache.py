@@ -1,17 +1,24 @@
 """One cache policy: every memo in quartic is bounded and evicts the least recently used entry.
 
-- A function of hashable arguments: ``functools.lru_cache(maxsize=...)`` (never the unbounded
-  ``functools.cache``).
+- A function of hashable arguments: ``@memo(maxsize=...)`` (``functools.lru_cache``, registered;
+  never the unbounded ``functools.cache``).
 - Anything keyed by hand (compiled programs keyed by options and shapes, per-object helpers):
   a :class:`BoundedCache`, owned by the module or object whose programs it holds and reached
   only through its owner.
+
+Both register themselves, so :func:`clear_all` can release every compiled program and the data
+its closures hold (``quartic reproduce`` does so between experiments, which share none).
 """
 
 from __future__ import annotations
 
+import functools
+import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Hashable
 from typing import Any
+
+import jax
 
 from quartic.core.errors import QuarticError
 
@@ -25,6 +32,7 @@ class BoundedCache:
             raise QuarticError(f"a cache holds at least one entry, got maxsize={maxsize}")
         self.maxsize = maxsize
         self._data: OrderedDict = OrderedDict()
+        _CACHES.add(self)
 
     def __contains__(self, key: Hashable) -> bool:
         return key in self._data
@@ -52,4 +60,30 @@ class BoundedCache:
         self._data.clear()
 
 
-__all__ = ["BoundedCache"]
+_CACHES: weakref.WeakSet = weakref.WeakSet()
+_MEMOS: list[Callable] = []
+
+
+def memo(maxsize: int) -> Callable[[Callable], Callable]:
+    """``functools.lru_cache(maxsize)``, registered for :func:`clear_all`."""
+    if maxsize < 1:
+        raise QuarticError(f"a cache holds at least one entry, got maxsize={maxsize}")
+
+    def wrap(fn: Callable) -> Callable:
+        cached = functools.lru_cache(maxsize=maxsize)(fn)
+        _MEMOS.append(cached)
+        return cached
+
+    return wrap
+
+
+def clear_all() -> None:
+    """Empty every :class:`BoundedCache` and :func:`memo`, and JAX's own compilation caches."""
+    for c in list(_CACHES):
+        c.clear()
+    for m in _MEMOS:
+        m.cache_clear()
+    jax.clear_caches()
+
+
+__all__ = ["BoundedCache", "clear_all", "memo"]

@@ -16,7 +16,6 @@ the whole dataset, so every derivative is the full-data one (no sampling noise).
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -24,6 +23,7 @@ import jax
 import numpy as np
 from jax import lax
 
+from quartic.core.cache import memo
 from quartic.core.errors import QuarticError
 
 PyTree = Any
@@ -74,7 +74,7 @@ def stack_batches(loader: Iterable[PyTree], max_batches: int | None = None) -> P
     return jax.tree_util.tree_unflatten(first_tree, [np.stack(col) for col in columns])
 
 
-@functools.lru_cache(maxsize=64)
+@memo(maxsize=64)
 def _mean_over_batches(loss_fn: Callable) -> Callable:
     # One wrapper per loss function, so that jitted callers see the same function object each time
     # (their compilation caches are keyed on it).

@@ -7,7 +7,6 @@ marked *(ours)* when derived in docs/theory.md.
 
 from __future__ import annotations
 
-import functools
 import math
 from collections.abc import Callable, Sequence
 from typing import NamedTuple
@@ -17,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import jet
 
+from quartic.core.cache import memo
 from quartic.core.errors import QuarticError
 
 #: Cor 6.3: the alignment loss grows like t^ORDER at onset.
@@ -295,7 +295,7 @@ def taylor_onsets(
     return [TaylorOnset(c, derivs) for c in coeffs]
 
 
-@functools.lru_cache(maxsize=32)
+@memo(maxsize=32)
 def _taylor_fn(align_loss_fns, ft_loss_fn, order):
     def run(theta_star, align_args, ft_args):
         neg_grad = lambda th: -jax.grad(ft_loss_fn)(th, *ft_args)

@@ -30,6 +30,7 @@ import optax
 from jax.flatten_util import ravel_pytree
 from tqdm.auto import tqdm
 
+from quartic.core.cache import memo
 from quartic.core.errors import DivergenceError, QuarticError
 
 __all__ = [
@@ -92,7 +93,7 @@ def _all_finite(tree) -> jax.Array:
     return jnp.all(jnp.array([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
 
 
-@functools.lru_cache(maxsize=64)
+@memo(maxsize=64)
 def _minibatch_chunk(loss_fn: LossFn, optimizer, batch_size, chunk_size: int, donate: bool):
     """The jitted ``chunk_size``-step scan; cached so repeated calls never recompile.
 
@@ -245,7 +246,7 @@ def _last(losses):
     return float(flat[-1]) if flat.size else math.nan
 
 
-@functools.lru_cache(maxsize=32)
+@memo(maxsize=32)
 def _flat_value_and_grad(loss_fn: LossFn, unravel: Callable):
     def vg(theta, data):
         return jax.value_and_grad(lambda th: loss_fn(unravel(th), data))(theta)

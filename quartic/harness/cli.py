@@ -65,6 +65,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import gc
 import importlib
 import importlib.util
 import json
@@ -76,6 +77,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from types import ModuleType
 from typing import Any
 
+from quartic.core import cache
 from quartic.core.errors import DivergenceError, QuarticError
 from quartic.harness import compile_cache, diagnose_command
 from quartic.harness.config import apply_overrides
@@ -392,8 +394,13 @@ def _cmd_reproduce(args: argparse.Namespace, ctx: _Context) -> int:
                 new_rows = [{k: r.get(k) for k in TABLE_COLUMNS} for r in new_rows]
                 entry.update(status="error", error=str(e))
         entry["seconds"], entry["compile_seconds"] = clock.wall, clock.compile
+        entry["peak_rss_mb"] = _peak_rss_mb()  # the process's peak so far
         rows.extend(new_rows)
         report.append(entry)
+        # Experiments share no compiled program: release them (and the data their closures hold)
+        # before the next one, so the process's peak is one experiment's, not their sum.
+        cache.clear_all()
+        gc.collect()
 
     total = time.perf_counter() - start_all
     table = format_table(rows)
@@ -416,6 +423,15 @@ def _cmd_reproduce(args: argparse.Namespace, ctx: _Context) -> int:
     print(f"\n{ran}; total {_fmt_s(total)}")
     print(f"summary: {out_root / 'summary.md'}; figures: {fig_dir}")
     return 1 if any(e["status"] == "error" for e in report) else 0
+
+
+def _peak_rss_mb() -> float | None:
+    try:
+        import resource
+    except ImportError:  # not on this platform
+        return None
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 1024 if sys.platform != "darwin" else peak / 2**20  # KiB on Linux, bytes on macOS
 
 
 def _cmd_figures(args: argparse.Namespace, ctx: _Context) -> int:

@@ -28,7 +28,6 @@ set before JAX initialises (a way to test sharding; on a 2-core machine it does 
 
 from __future__ import annotations
 
-import functools
 import os
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -40,6 +39,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from quartic.core import curvature
+from quartic.core.cache import memo
 from quartic.core.errors import QuarticError
 
 AXIS = "batch"
@@ -159,7 +159,7 @@ def sweep(fn: Callable[..., PyTree], *args: PyTree, mesh: Mesh | None = None) ->
     return out if padded == n else jax.tree.map(lambda y: y[:n], out)
 
 
-@functools.lru_cache(maxsize=32)
+@memo(maxsize=32)
 def _sweep_program(fn, mesh):
     """One jitted program per (fn, mesh): repeated sweeps of the same function compile once."""
     axis = mesh.axis_names[0]
@@ -220,7 +220,7 @@ def sharded_dense_hessian(
     return cols[:n].T
 
 
-@functools.lru_cache(maxsize=32)
+@memo(maxsize=32)
 def _hessian_program(loss_fn, mesh, batch_size):
     axis = mesh.axis_names[0]
 

@@ -25,7 +25,6 @@ for one skill or one (skill, task) pair, what docs/theory.md §3–4 predicts, i
 from __future__ import annotations
 
 import dataclasses
-import functools
 import zlib
 from collections.abc import Callable
 from typing import Any
@@ -36,7 +35,7 @@ import numpy as np
 import optax
 
 from quartic.core import aic, curvature, dynamics, fitting, measure, pytree, theory
-from quartic.core.cache import BoundedCache
+from quartic.core.cache import BoundedCache, memo
 from quartic.core.errors import QuarticError
 from quartic.core.measure import spearman  # noqa: F401  (still importable from here)
 from quartic.models import TransformerConfig
@@ -123,7 +122,7 @@ class CollapseSetup:
         return {k: jnp.asarray(v) for k, v in batch.items()}
 
 
-@functools.lru_cache(maxsize=8)
+@memo(maxsize=8)
 def _aligned_model(preset: str, world_seed: int, model_seed: int):
     world = tw.TokenWorld(tw.WorldConfig(seed=world_seed))
     model_cfg = TransformerConfig.preset(

@@ -14,7 +14,7 @@ import jax
 import numpy as np
 
 from quartic.core import curvature, measure
-from quartic.core.cache import BoundedCache
+from quartic.core.cache import BoundedCache, memo
 from quartic.studies import collapse
 
 
@@ -39,7 +39,7 @@ def _curvature(config, category: int) -> dict:
     return out
 
 
-@functools.lru_cache(maxsize=8)
+@memo(maxsize=8)
 def _basis(config, category: int):
     w, v = curvature.eigh_descending(_fisher(config, category))
     return v[:, : config.rank], w[: config.rank]

@@ -16,13 +16,13 @@ Each takes the experiment's ``config`` (any object with its fields and its ``set
 from __future__ import annotations
 
 import dataclasses
-from functools import lru_cache
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from quartic.core import curvature, dynamics, theory
+from quartic.core.cache import memo
 from quartic.core.errors import DivergenceError, QuarticError
 from quartic.core.problems import make_curved
 from quartic.core.subspace import lambda_max
@@ -36,7 +36,7 @@ SWEEP = ("plain", "fixed_projection", "tracked_projection", "retraction", "track
 # Compiled pieces (one compile per defence, reused across settings and seeds)
 
 
-@lru_cache(maxsize=16)
+@memo(maxsize=16)
 def _problems(config, curvature: float, tail: float):
     """The setting's problems, stacked over seeds, and their true bases B.
 
@@ -60,7 +60,7 @@ def _problems(config, curvature: float, tail: float):
     return jax.tree.map(lambda *x: jnp.stack(x), *probs), jnp.stack(bases)
 
 
-@lru_cache(maxsize=16)
+@memo(maxsize=16)
 def _prelude(config, setting: str):
     """The setting's problems, true bases, ``min L_FT`` and the Lanczos estimate of M(θ*)."""
     curvature, tail = config.settings()[setting]
@@ -69,7 +69,7 @@ def _prelude(config, setting: str):
     return probs, true_basis, ft_min, subspace
 
 
-@lru_cache(maxsize=16)
+@memo(maxsize=16)
 def _prelude_fn(rank: int):
     def one(p):
         losses = D.Losses.of(p)
@@ -82,7 +82,7 @@ def _prelude_fn(rank: int):
 ANGLE = ("plain", "fixed_projection")
 
 
-@lru_cache(maxsize=16)
+@memo(maxsize=16)
 def _runner(defence: D.Defence, rank: int, num_steps: int):
     def one(p, subspace, true_basis, lr):
         obs = dynamics.make_observer(
@@ -155,7 +155,7 @@ def defence_unit(config, setting: str, defence: D.Defence) -> dict:
     }
 
 
-@lru_cache(maxsize=16)
+@memo(maxsize=16)
 def _theory_fn(rank: int, lr: float):
     def one(p, b):
         hg = p.base.ft_hessian @ p.base.ft_grad
@@ -198,7 +198,7 @@ def _tx_setup(config):
     return collapse.aligned_setup(config.transformer_preset, config.transformer_category)[1]
 
 
-@lru_cache(maxsize=16)
+@memo(maxsize=16)
 def _tx_lora(config):
     """``(φ₀, θ(φ))`` of LoRA on every dense kernel (the key convention of ``collapse``)."""
     r = config.transformer_lora_rank
@@ -232,7 +232,7 @@ def _tx_defence(config, name: str, scale=1.0) -> D.Defence:
     raise QuarticError(f"unknown transformer defence {name!r}")
 
 
-@lru_cache(maxsize=16)
+@memo(maxsize=16)
 def _tx_runner(config, name: str):
     setup = _tx_setup(config)
 
@@ -251,7 +251,7 @@ def _tx_runner(config, name: str):
     return jax.jit(one)
 
 
-@lru_cache(maxsize=16)
+@memo(maxsize=16)
 def _tx_diagnose_fn(config):
     """M(θ*) by Lanczos, and what explains a projection's floor, along plain GD to the reference
     step: the first-order leak coefficients at θ*, ½gᵀFg (plain) and ½g⊥ᵀFg⊥ (g⊥ = (I − P)g, what
@@ -304,7 +304,7 @@ def _tx_diagnose_fn(config):
     return jax.jit(diagnose)
 
 
-@lru_cache(maxsize=16)
+@memo(maxsize=16)
 def _tx_lora_lambda_fn(config):
     """λ_max of LoRA's own Hessian ∇²_φ L_FT(θ(φ)) at φ₀ (its step size is lr_λ over this)."""
     setup = _tx_setup(config)
@@ -317,7 +317,7 @@ def _tx_lora_lambda_fn(config):
     return jax.jit(top)
 
 
-@lru_cache(maxsize=16)
+@memo(maxsize=16)
 def _tx_prelude(config, task: str) -> dict:
     """Per task: η, M(θ*), the plain run (it fixes the equal-progress target), the per-task
     strengths of the anchor and the replay, LoRA's η, and the diagnostics."""

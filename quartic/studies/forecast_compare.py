@@ -13,13 +13,13 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from functools import lru_cache
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from quartic.core import theory
+from quartic.core.cache import memo
 from quartic.core.errors import DivergenceError, QuarticError
 from quartic.core.measure import json_number
 from quartic.core.problems import QuadraticSpec, make_curved
@@ -54,7 +54,7 @@ def _problems(spec: QuadraticSpec, keys, curvature: float, beta: float):
     return jax.tree.map(lambda *x: jnp.stack(x), *probs)
 
 
-@lru_cache(maxsize=16)
+@memo(maxsize=16)
 def _simulate_fn(rank: int, num_checks: int, check_every: int, taylor_order: int):
     def one(p, lr):
         diag = fc.diagnose_dense(p.align_loss_fn, p.ft_loss_fn, p.theta_star, rank)
@@ -72,7 +72,7 @@ def _simulate_fn(rank: int, num_checks: int, check_every: int, taylor_order: int
     return jax.jit(jax.vmap(one))
 
 
-@lru_cache(maxsize=16)
+@memo(maxsize=16)
 def _lambda_max_fn():
     return jax.jit(jax.vmap(lambda p: lambda_max(p.base.ft_hessian, method="dense").value))
 
@@ -175,7 +175,7 @@ def _tx_setup(config):
     return collapse.aligned_setup(config.transformer_preset, config.transformer_category)[1]
 
 
-@lru_cache(maxsize=16)
+@memo(maxsize=16)
 def _tx_simulate_fn(config):
     setup = _tx_setup(config)
     taylor = config.taylor_order if config.transformer_taylor else None

@@ -10,14 +10,13 @@ term is reported beside the AIC quantities).
 
 from __future__ import annotations
 
-import functools
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.flatten_util import ravel_pytree
 
 from quartic.core import curvature, measure, theory
+from quartic.core.cache import memo
 from quartic.core.errors import QuarticError
 from quartic.models.transformer import TransformerConfig, count_params
 from quartic.studies.transfer.models import _model_fns
@@ -40,7 +39,7 @@ def synonym_rewrite(lang: Language, tokens: np.ndarray, seed: int) -> np.ndarray
     return np.where(content, lang.cluster_start[c] + offset, tokens).astype(tokens.dtype)
 
 
-@functools.cache
+@memo(maxsize=64)
 def _geometry_program(cfg: TransformerConfig, rank: int, num_iters: int):
     call = _model_fns(cfg).call
 

@@ -3,11 +3,10 @@ transfer study at once, and when a finite query budget is the unlimited one."""
 
 from __future__ import annotations
 
-import functools
-
 import jax
 import numpy as np
 
+from quartic.core.cache import memo
 from quartic.core.errors import QuarticError
 from quartic.models.transformer import TransformerConfig
 from quartic.studies.transfer.attack import (
@@ -22,7 +21,7 @@ from quartic.studies.transfer.models import _model_fns
 __all__ = ["attack_models", "budget_is_unlimited"]
 
 
-@functools.cache
+@memo(maxsize=64)
 def _attack_program(cfg: TransformerConfig, config: AttackConfig):
     fns = _model_fns(cfg)
 

@@ -9,7 +9,6 @@ of ``M`` models is the same dict with a leading ``[M]`` axis on every leaf.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import os
 import pathlib
 from typing import Any, NamedTuple
@@ -19,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from quartic.core.cache import memo
 from quartic.core.errors import QuarticError
 from quartic.core.pytree import path_name
 from quartic.harness import checkpoint
@@ -91,7 +91,7 @@ class _ModelFns(NamedTuple):
     names: tuple[str, ...]
 
 
-@functools.cache
+@memo(maxsize=64)
 def _model_fns(cfg: TransformerConfig) -> _ModelFns:
     model = Transformer(cfg, rngs=nnx.Rngs(0))
     call, params = functional(model)
@@ -206,6 +206,6 @@ def load_params(directory: str | os.PathLike, cfg: TransformerConfig) -> tuple[d
     return params, meta["info"]
 
 
-@functools.cache
+@memo(maxsize=64)
 def _template(cfg: TransformerConfig) -> dict:
     return jax.tree.map(lambda x: np.zeros(np.shape(x), x.dtype), init_params(cfg, 0))

@@ -29,11 +29,11 @@ from __future__ import annotations
 import dataclasses
 import pathlib
 import zlib
-from functools import cache
 
 import jax
 import numpy as np
 
+from quartic.core.cache import memo
 from quartic.core.errors import QuarticError
 from quartic.harness import checkpoint
 from quartic.harness.runs import RunDir, run_sweep, write_json_atomic
@@ -222,7 +222,7 @@ class StudyConfig:
 # The world and the models
 
 
-@cache
+@memo(maxsize=4)
 def world(config: StudyConfig):
     """(language, tasks by name, splits by (setting, task), synonym table)."""
     lang = syn.make_language(

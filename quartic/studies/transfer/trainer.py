@@ -22,7 +22,6 @@ once, keeping each one's best checkpoint by validation loss.
 from __future__ import annotations
 
 import dataclasses
-import functools
 from typing import NamedTuple
 
 import jax
@@ -30,6 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from quartic.core.cache import memo
 from quartic.core.errors import DivergenceError, QuarticError
 from quartic.core.train import optax_promotion
 from quartic.models.transformer import TransformerConfig
@@ -148,7 +148,7 @@ def _trainable_mask(names: tuple[str, ...], trainable: str) -> tuple[bool, ...]:
     raise QuarticError(f"trainable must be 'full', 'lora' or 'head', got {trainable!r}")
 
 
-@functools.cache
+@memo(maxsize=64)
 def _fit_program(
     objective: str,
     cfg: TransformerConfig,
@@ -269,7 +269,7 @@ def fit(
     )
 
 
-@functools.cache
+@memo(maxsize=64)
 def _predict_program(cfg: TransformerConfig):
     call = _model_fns(cfg).call
     return jax.jit(jax.vmap(lambda p, t: jax.nn.softmax(call(p, t), axis=-1), in_axes=(0, None)))
