@@ -205,7 +205,8 @@ def table(summary: dict) -> list[dict]:
         fit = summary["fits"].get(k)
         if fit:
             lo, hi = fit["exponent_interval"]
-            rows.append(dict(quantity=f"{k} ∝ n^b: b", theory="-0.5 for a random direction",
+            theory = "-0.5 for a random direction" if k == "ortho_ratio" else "< 0 if it opens"
+            rows.append(dict(quantity=f"{k} ∝ n^b: b", theory=theory,
                              measured=f"{fit['exponent']:.3f} [{lo:.3f}, {hi:.3f}]",
                              verdict="info"))  # fmt: skip
     rows.append(dict(quantity="window at 1.7e9-3e9 params", theory="t×·λ_max < 1",
