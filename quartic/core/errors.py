@@ -14,11 +14,22 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["DivergenceError", "QuarticError"]
+__all__ = ["DivergenceError", "QuarticError", "require_float64"]
 
 
 class QuarticError(ValueError):
     """Bad input from the user; the message says what was wrong and what to do."""
+
+
+def require_float64(what: str) -> None:
+    """Raise a :class:`QuarticError` unless 64-bit JAX is on. Library code never flips the global
+    switch (the caller's arrays would change dtype under it): the entry point turns it on."""
+    import jax
+
+    if not jax.config.jax_enable_x64:
+        raise QuarticError(
+            f"{what} needs float64: enable it first with jax.config.update('jax_enable_x64', True)"
+        )
 
 
 class DivergenceError(QuarticError):

@@ -45,7 +45,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from quartic.core.errors import QuarticError
+from quartic.core.errors import QuarticError, require_float64
 
 __all__ = [
     "PRESETS",
@@ -352,11 +352,8 @@ class Transformer(nnx.Module):
     """The model; see the module docstring. ``Transformer(config, rngs=nnx.Rngs(seed))``."""
 
     def __init__(self, config: TransformerConfig, *, rngs: nnx.Rngs):
-        if config.param_dtype == "float64" and not jax.config.jax_enable_x64:
-            raise QuarticError(
-                "param_dtype='float64' needs 64-bit JAX: call "
-                "jax.config.update('jax_enable_x64', True) before building the model"
-            )
+        if config.param_dtype == "float64":
+            require_float64("a model with param_dtype='float64'")
         d = config.d_model
         self.config = config
         # Enough draws, rounded up to a power of two so that models of similar size share one

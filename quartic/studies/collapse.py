@@ -36,7 +36,7 @@ import optax
 
 from quartic.core import aic, curvature, dynamics, fitting, measure, pytree, theory
 from quartic.core.cache import BoundedCache, memo
-from quartic.core.errors import QuarticError
+from quartic.core.errors import QuarticError, require_float64
 from quartic.core.measure import spearman  # noqa: F401  (still importable from here)
 from quartic.models import TransformerConfig
 from quartic.studies.training import AlignedModel, make_aligned_model
@@ -107,10 +107,8 @@ class CollapseSetup:
 
     def align_value(self, name: str, theta: jax.Array) -> jax.Array:
         """``L_A(θ)``, compiled once per loss."""
-        key = ("value", name)
-        if key not in self._compiled:
-            self._compiled[key] = jax.jit(self.align_fns[name])
-        return self._compiled[key](theta, self.align_data[name])
+        fn = self.compiled(("value", name), lambda: jax.jit(self.align_fns[name]))
+        return fn(theta, self.align_data[name])
 
     def task_batch(self, task: str, rows: np.ndarray | None = None) -> dict:
         """A benign task's train batch (or ``"harmful"``: the harmful-compliance control)."""
@@ -141,11 +139,7 @@ def aligned_setup(
     θ* is float64 (its gradient is ~1e-5 of the start's) and the returned arrays are used after the
     call, so float64 must be on for the caller: the entry point (experiment, notebook, command)
     turns it on; this raises :class:`QuarticError` when it is off."""
-    if not jax.config.jax_enable_x64:
-        raise QuarticError(
-            "aligned_setup needs float64 (θ* is float64): enable it first with "
-            "jax.config.update('jax_enable_x64', True)"
-        )
+    require_float64("aligned_setup (θ* is float64)")
     world, aligned = _aligned_model(preset, world_seed, model_seed)
     return aligned, CollapseSetup(aligned.apply_fn, aligned.theta_star, world, category)
 
@@ -245,8 +239,8 @@ def skill_curvature(
 
 def _flow_fn(setup: CollapseSetup, substeps: int = 8):
     """One compiled RK4 flow per setup: times, task data (and shift) and basis are arguments."""
-    key = ("flow", substeps)
-    if key not in setup._compiled:
+
+    def build():
         ft = setup.ft_fn
         align, align_data = setup.align_fns, setup.align_data
 
@@ -264,8 +258,9 @@ def _flow_fn(setup: CollapseSetup, substeps: int = 8):
 
             return dynamics.gradient_flow(lambda th: ft(th, ft_data), theta0, ts, observe, substeps)
 
-        setup._compiled[key] = jax.jit(simulate)
-    return setup._compiled[key]
+        return jax.jit(simulate)
+
+    return setup.compiled(("flow", substeps), build)
 
 
 def task_law(
@@ -479,8 +474,7 @@ def lora_reparam(setup: CollapseSetup, rank: int, key: jax.Array):
 def _long_fn(
     setup: CollapseSetup, optimizer: str, lr: float, num_records: int, steps: int, lora_rank: int
 ):
-    key = ("long", optimizer, lr, num_records, steps, lora_rank)
-    if key not in setup._compiled:
+    def build():
         opt = {"sgd": optax.sgd, "adam": optax.adam}[optimizer](lr)
         rec = dynamics.log_steps(steps, num_records)
         align, align_data = setup.align_fns, setup.align_data
@@ -513,8 +507,9 @@ def _long_fn(
                 lambda x: setup.lm_fn(theta_of(x), batch), x0, opt, rec, observe, lr=lr
             )
 
-        setup._compiled[key] = (jax.jit(run), rec)
-    return setup._compiled[key]
+        return jax.jit(run), rec
+
+    return setup.compiled(("long", optimizer, lr, num_records, steps, lora_rank), build)
 
 
 def long_finetune(

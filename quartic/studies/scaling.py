@@ -18,7 +18,6 @@ measured without an ``n × n`` matrix:
 
 from __future__ import annotations
 
-import functools
 import math
 
 import jax
@@ -26,7 +25,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from quartic.core import aic, curvature, dynamics, fitting, theory
-from quartic.core.errors import QuarticError
+from quartic.core.cache import memo
+from quartic.core.errors import QuarticError, require_float64
 from quartic.models.transformer import PRESETS, TransformerConfig, count_params
 from quartic.studies import collapse
 from quartic.studies.training import make_aligned_model
@@ -55,13 +55,13 @@ def model_config(size: str, world: tw.TokenWorld) -> TransformerConfig:
     return min(cfgs, key=lambda c: abs(count_params(c, include_lora=False) - target))
 
 
-@functools.cache
+@memo(maxsize=4)
 def aligned(size: str, seed: int = 0, category: int = 0, world_seed: int = 0):
     """θ* of ``size`` (model seed ``seed``) and its :class:`~quartic.studies.collapse.CollapseSetup`
     (presets through :func:`collapse.aligned_setup`, so the θ* cache is shared)."""
     if size in PRESETS:
         return collapse.aligned_setup(size, category, world_seed, seed)
-    jax.config.update("jax_enable_x64", True)
+    require_float64(f"the {size} model of the scaling study")
     world = tw.TokenWorld(tw.WorldConfig(seed=world_seed))
     model = make_aligned_model(model_config(size, world), world, seed=seed, progress=False)
     return model, collapse.CollapseSetup(model.apply_fn, model.theta_star, world, category)
