@@ -182,6 +182,7 @@ def aligned(tmp_path_factory):
     return world, result, cache
 
 
+@pytest.mark.slow
 def test_pretrained_model_complies(aligned):
     _, result, _ = aligned
     before = result.report["before"]
@@ -190,6 +191,7 @@ def test_pretrained_model_complies(aligned):
     assert before["align_loss"] > 5.0
 
 
+@pytest.mark.slow
 def test_theta_star_is_aligned_at_a_stationary_point(aligned):
     world, result, _ = aligned
     report = result.report
@@ -220,6 +222,7 @@ def test_theta_star_is_aligned_at_a_stationary_point(aligned):
     assert np.all(np.asarray(greedy_train) == tw.REFUSE)
 
 
+@pytest.mark.slow
 def test_benign_answers_are_kept(aligned):
     _, result, _ = aligned
     before, after = result.report["before"], result.report["after"]
@@ -229,6 +232,7 @@ def test_benign_answers_are_kept(aligned):
         assert after["benign_accuracy"][name] > before["benign_accuracy"][name] - 0.05, name
 
 
+@pytest.mark.slow
 def test_theta_star_is_reused_from_its_checkpoint(aligned):
     world, result, cache = aligned
     again = make_aligned_model(MODEL, world, seed=0, cache_dir=cache, progress=False)

@@ -39,6 +39,7 @@ def test_forecast_errors_scale_by_the_terms_at_a_root():
     assert err["resolved"].tolist() == [True, False, True]
 
 
+@pytest.mark.slow
 def test_lora_reparam_starts_at_theta_star_and_moves_kernels_by_rank_r(setup):
     s, _ = setup
     phi0, theta_of = collapse.lora_reparam(s, 2, jax.random.PRNGKey(0))
@@ -53,6 +54,7 @@ def test_lora_reparam_starts_at_theta_star_and_moves_kernels_by_rank_r(setup):
             assert float(jnp.max(jnp.abs(leaf))) == 0.0, name
 
 
+@pytest.mark.slow
 def test_forecast_and_orthogonal_variant_on_the_aligned_transformer(setup):
     s, fisher = setup
     law = collapse.task_law(s, fisher, "sort", RANK, num_times=16, taylor_order=4)
@@ -77,6 +79,7 @@ def test_forecast_and_orthogonal_variant_on_the_aligned_transformer(setup):
     assert orth["kl"]["slope4_window"] is not None
 
 
+@pytest.mark.slow
 def test_gauss_newton_and_kl_hessian_equal_the_true_fisher(setup):
     """At θ* the Gauss–Newton part of the refusal Hessian (by the logits' own Hessian, sandwiched
     by J) and the KL drift's exact Hessian both equal the true Fisher to float64 precision

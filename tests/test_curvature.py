@@ -214,6 +214,7 @@ def test_monte_carlo_and_empirical_fisher_converge_to_the_true_one():
     assert jnp.linalg.matrix_rank(emp) <= 9
 
 
+@pytest.mark.slow
 def test_hvp_matches_jax_hessian_on_a_small_flax_transformer():
     from flax import nnx
 

@@ -116,6 +116,7 @@ def _diagnose_argv(ckpt, out, *extra, data=("--task", "sort")):
     return ["diagnose", "--checkpoint", str(ckpt), *data, "--out", str(out), *extra]
 
 
+@pytest.mark.slow
 def test_cli_on_a_saved_model_that_is_not_aligned_warns_and_shows_the_linear_term(
     raw_checkpoint, tmp_path, capsys
 ):

@@ -125,6 +125,7 @@ def four_devices():
     return _result(proc.stdout)
 
 
+@pytest.mark.slow
 def test_subprocess_sees_four_devices(four_devices):
     assert four_devices["device_count"] == 4
     assert four_devices["sweep_devices"] == 4
@@ -178,6 +179,7 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_two_processes_equal_one_process():
     """A real multi-process job: two processes of 2 host devices each, joined by
     ``distributed.initialize`` (jax.distributed), sweep and dense Hessian over all 4 devices; each

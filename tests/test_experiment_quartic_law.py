@@ -2,10 +2,13 @@
 
 import pathlib
 
+import pytest
+
 from quartic.harness import cli
 from quartic.harness.runs import read_json
 
 
+@pytest.mark.slow
 def test_quartic_law_smoke(tmp_path: pathlib.Path):
     out, figs = tmp_path / "out", tmp_path / "figs"
     args = ["run", "quartic_law", "--quick", "--out", str(out), "--figures", str(figs)]

@@ -68,6 +68,7 @@ def tiny_run(tmp_path_factory):
     return config, out, summary
 
 
+@pytest.mark.slow
 def test_tiny_run_produces_every_quantity(tiny_run):
     config, out, summary = tiny_run
     assert summary["num_failed"] == 0, summary["failures"]
@@ -107,6 +108,7 @@ def test_tiny_run_produces_every_quantity(tiny_run):
     assert all(r["experiment"] == "transfer_robustness" for r in rows)
 
 
+@pytest.mark.slow
 def test_rerun_recomputes_nothing(tiny_run, tmp_path, monkeypatch):
     config, out, summary = tiny_run
     files = sorted((out / "units").glob("*.json")) + sorted((out / "cache").rglob("meta.json"))
@@ -241,6 +243,7 @@ def test_budget_that_cannot_bind_is_unlimited():
     )
 
 
+@pytest.mark.slow
 def test_second_attack_through_the_pipeline(tiny_run, tmp_path):
     """The deletion-ranked attack as the study's attack (cached models of the tiny run): the same
     fine-tuned models and clean accuracy, its own ASR, AUA = OAcc (1 - ASR) from the counts, and
@@ -294,6 +297,7 @@ def test_bow_logistic_is_the_exact_penalised_optimum():
         tr.bow_logistic({**split(0), "labels": split(0)["labels"] + 1}, split(1), split(2), vocab)
 
 
+@pytest.mark.slow
 def test_schedule_probe_reproduces_the_direct_arm_and_tries_others(tiny_run, tmp_path):
     """The probe's copy of the run's own schedule gives the run's direct units bit for bit (same
     keys, same program); another schedule is a different fit; bad input is named."""
