@@ -31,6 +31,7 @@ import sys
 import jax
 
 import quartic as q
+from quartic.core.problems import FamilyConfig
 from quartic.harness.runs import RunDir, run_sweep, write_json_atomic
 from quartic.studies import defence_report as report
 from quartic.studies import defences as D
@@ -49,12 +50,7 @@ QUICK_SECONDS = 120  # 45 s on the curved family + ~90 s for 2 transformer tasks
 
 
 @dataclasses.dataclass(frozen=True)
-class Config:
-    n: int = 40
-    d: int = 4
-    coupling: float = 0.5
-    h_min: float = 1.0
-    h_max: float = 5.0
+class Config(FamilyConfig):
     quartic: float = 0.1  # β of L_FT's ‖θ‖⁴ term
     curvature: float = 2.0  # ‖c‖ of the main setting
     tail: float = 0.01  # Fisher mass outside M in the "tail" setting
@@ -103,11 +99,6 @@ class Config:
             raise q.QuarticError(f"unknown task(s) {unknown}; choose from {list(tw.BENIGN_TASKS)}")
         if not 0 < self.transformer_ref_steps < self.transformer_num_steps:
             raise q.QuarticError("need 0 < transformer_ref_steps < transformer_num_steps")
-
-    def spec(self, tail: float = 0.0) -> q.QuadraticSpec:
-        return q.QuadraticSpec(
-            n=self.n, d=self.d, coupling=self.coupling, h_range=(self.h_min, self.h_max), tail=tail
-        )
 
     def defences(self) -> list[D.Defence]:
         every = self._all_defences()

@@ -31,6 +31,7 @@ import numpy as np
 from matplotlib.ticker import NullFormatter
 
 import quartic as q
+from quartic.core.problems import FamilyConfig
 from quartic.harness import plotting
 from quartic.harness.runs import RunDir, run_sweep, write_json_atomic
 from quartic.studies import forecast as fc
@@ -42,12 +43,7 @@ QUICK_SECONDS = 60
 
 
 @dataclasses.dataclass(frozen=True)
-class Config:
-    n: int = 40
-    d: int = 4
-    coupling: float = 0.5
-    h_min: float = 1.0
-    h_max: float = 5.0
+class Config(FamilyConfig):
     leak: float = 0.1  # ‖Pg‖/‖g‖ of the leaky family
     tail: float = 0.05  # Fisher mass outside M of the leaky family
     curvature: float = 2.0  # ‖c‖ of the curved family

@@ -23,6 +23,7 @@ import numpy as np
 
 import quartic as q
 from quartic.core import measure, theory
+from quartic.core.problems import FamilyConfig
 from quartic.harness import plotting
 from quartic.harness.runs import RunDir, run_sweep, write_json_atomic
 from quartic.studies import law
@@ -32,12 +33,7 @@ QUICK_SECONDS = 60
 
 
 @dataclasses.dataclass(frozen=True)
-class Config:
-    n: int = 40
-    d: int = 4
-    coupling: float = 0.5
-    h_min: float = 1.0
-    h_max: float = 5.0
+class Config(FamilyConfig):
     num_seeds: int = 16
     num_times: int = 60
     curved_n: int = 20
@@ -50,10 +46,6 @@ class Config:
     @classmethod
     def quick(cls) -> Config:
         return cls(num_seeds=8, num_times=40, num_curved=2)
-
-    def spec(self, **kw) -> q.QuadraticSpec:
-        base = dict(n=self.n, d=self.d, coupling=self.coupling, h_range=(self.h_min, self.h_max))
-        return q.QuadraticSpec(**{**base, **kw})
 
 
 #: The ladder's rungs measured here, as spec changes (leak 0.3); the order seeds each rung's key.

@@ -243,6 +243,23 @@ def _spd(key, k, lo, hi, dtype):
     return (q * ev[None, :]) @ q.T
 
 
+@dataclass(frozen=True)
+class FamilyConfig:
+    """The random quadratic family's knobs, as a base for an experiment's frozen config (the
+    experiment adds its own fields after these). :meth:`spec` is the family's
+    :class:`QuadraticSpec`, with any of its other fields given."""
+
+    n: int = 40
+    d: int = 4
+    coupling: float = 0.5
+    h_min: float = 1.0
+    h_max: float = 5.0
+
+    def spec(self, **fields) -> QuadraticSpec:
+        base = dict(n=self.n, d=self.d, coupling=self.coupling, h_range=(self.h_min, self.h_max))
+        return QuadraticSpec(**{**base, **fields})
+
+
 def make_quadratic(key: jax.Array, spec: QuadraticSpec = QuadraticSpec(), dtype=None):
     """Draw a :class:`QuadraticProblem` with the geometry set by ``spec``; returns it and ``B``.
 

@@ -34,14 +34,11 @@ METHODS = ("quartic", "second_order", "taylor", "monitored", "monitored_taylor",
 def _family_params(config, family: str) -> tuple[QuadraticSpec, float, float]:
     """(spec, curvature, β). Quadratic families are curved problems with c = 0, β = 0, so that
     every family runs through the same compiled program."""
-    base = dict(
-        n=config.n, d=config.d, coupling=config.coupling, h_range=(config.h_min, config.h_max)
-    )
     if family == "quadratic":
-        return QuadraticSpec(**base), 0.0, 0.0
+        return config.spec(), 0.0, 0.0
     if family == "leaky":
-        return QuadraticSpec(**base, leak=config.leak, tail=config.tail), 0.0, 0.0
-    return QuadraticSpec(**base), config.curvature, config.quartic
+        return config.spec(leak=config.leak, tail=config.tail), 0.0, 0.0
+    return config.spec(), config.curvature, config.quartic
 
 
 def _problems(spec: QuadraticSpec, keys, curvature: float, beta: float):
