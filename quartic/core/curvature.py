@@ -182,7 +182,9 @@ def lanczos_eigh(
     vals = theta[order]
     vecs = ritz[:, order]
     vecs = vecs / jnp.linalg.norm(vecs, axis=0, keepdims=True)
-    av = jax.vmap(matvec, in_axes=1, out_axes=1)(vecs)
+    # one product at a time: a vmap over the k vectors keeps k products' intermediates (for a
+    # Gauss–Newton operator, k copies of the forward pass's tangents) in flight at once
+    av = lax.map(matvec, vecs.T).T
     res = jnp.linalg.norm(av - vecs * vals[None, :], axis=0)
     top = Eigenpairs(vals[:k_top], vecs[:, :k_top], res[:k_top])
     bottom = Eigenpairs(vals[k_top:], vecs[:, k_top:], res[k_top:])
