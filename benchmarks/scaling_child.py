@@ -41,31 +41,27 @@ def main(size: str, order: int = 6, rank: int = 10) -> dict:
     setup = collapse.CollapseSetup(apply_fn, params, world, 0)
     batch = setup.task_batch("sort")
     ft_data = (batch, jnp.zeros_like(setup.theta), setup.theta)
-    kl, kl_data = setup.align_fns["kl"], setup.align_data["kl"]
+    kl = setup.align_fns["kl"]
+    rows = scaling.chunk_rows(setup.n)  # row chunks above 30k parameters: one chunk's memory
     per_example = 1 if setup.n > 2_000_000 else 8  # [batch, 34, n] Jacobians in flight
     trace, t_trace = timed(lambda: scaling.exact_trace(setup, per_example))
 
     def check():
-        rep = aic.check_aic(
-            kl,
-            setup.ft_fn,
-            setup.theta,
+        return aic.check_aic(
+            params=setup.theta,
             rank=rank,
-            align_batch=kl_data,
-            ft_batch=ft_data,
-            fisher=scaling.fisher_ops(setup),
-            fisher_batch=setup.skill,
             method="lanczos",
             num_iters=60,
             fisher_trace=trace,
+            **scaling.aic_args(setup, ft_data, rows),
         )
-        return rep
 
     rep, t_aic = timed(check)
+    align_args, ft_args = scaling.taylor_args(setup, ft_data, rows)
     onset, t_taylor = timed(
         lambda: (
             theory.taylor_onset(
-                kl, setup.ft_fn, setup.theta, order, align_args=(kl_data,), ft_args=(ft_data,)
+                kl, setup.ft_fn, setup.theta, order, align_args=align_args, ft_args=ft_args
             ).coefficients
         )
     )
@@ -74,6 +70,7 @@ def main(size: str, order: int = 6, rank: int = 10) -> dict:
         "size": size,
         "n": setup.n,
         "rank": rank,
+        "chunk_rows": rows,
         "taylor_order": order,
         "device": jax.devices()[0].device_kind,
         "exact_trace": t_trace,

@@ -17,6 +17,7 @@ import numpy as np
 from jax.experimental import jet
 
 from quartic.core.cache import memo
+from quartic.core.chunked import Chunked, weighted_sum
 from quartic.core.errors import QuarticError
 
 #: Cor 6.3: the alignment loss grows like t^ORDER at onset.
@@ -261,7 +262,10 @@ def taylor_onset(
 
     ``align_loss_fn(theta, *align_args)`` and ``ft_loss_fn(theta, *ft_args)``: data passed as
     arguments are not baked into the compiled program, which is cached per (losses, order).
-    Several alignment losses along one flow: :func:`taylor_onsets`.
+    Either may be a :class:`Chunked` instead of a tuple, ``L(θ) = Σ_j w_j f(θ, *parts_j)``: the
+    same coefficients (up to rounding) with one chunk's intermediates in memory at a time (the
+    jets' memory grows like rows × order). Several alignment losses along one flow:
+    :func:`taylor_onsets`.
     """
     return taylor_onsets((align_loss_fn,), ft_loss_fn, theta_star, order, (align_args,), ft_args)[0]
 
@@ -278,36 +282,55 @@ def taylor_onsets(
 
     The flow's derivatives (the costly nested ``jet`` of ``−∇L_FT``) are computed and compiled
     once; each loss adds one ``jet`` of its own. ``align_args[i]`` are the arguments of
-    ``align_loss_fns[i]`` (default: none).
+    ``align_loss_fns[i]`` (default: none); each, and ``ft_args``, may be a :class:`Chunked`.
     """
     if order < 1:
         raise QuarticError(f"order must be >= 1, got {order}")
     if theta_star.ndim != 1:
         raise QuarticError(f"theta_star must be flat [n], got shape {theta_star.shape}")
     fns = tuple(align_loss_fns)
-    args = tuple(tuple(a) for a in align_args) if align_args is not None else ((),) * len(fns)
+    args = (
+        tuple(a if isinstance(a, Chunked) else tuple(a) for a in align_args)
+        if align_args is not None
+        else ((),) * len(fns)
+    )
     if len(args) != len(fns):
         raise QuarticError(
             f"align_args has {len(args)} entries for {len(fns)} alignment losses: give one tuple "
             "of arguments per loss"
         )
+    for i, a in enumerate(args):
+        if isinstance(a, Chunked):
+            a.check(f"align_args[{i}]")
+    if isinstance(ft_args, Chunked):
+        ft_args.check("ft_args")
+    else:
+        ft_args = tuple(ft_args)
     coeffs, derivs = _taylor_fn(fns, ft_loss_fn, order)(theta_star, args, ft_args)
     return [TaylorOnset(c, derivs) for c in coeffs]
 
 
 @memo(maxsize=32)
 def _taylor_fn(align_loss_fns, ft_loss_fn, order):
+    # With Chunked arguments each jet is Σ_j w_j (the chunk's jet): the series are linear in the
+    # loss. A plain tuple of arguments is the one-chunk case, traced as before.
     def run(theta_star, align_args, ft_args):
-        neg_grad = lambda th: -jax.grad(ft_loss_fn)(th, *ft_args)
-        derivs = [neg_grad(theta_star)]
+        neg_grad = lambda th, *a: -jax.grad(ft_loss_fn)(th, *a)
+        like = jax.ShapeDtypeStruct(theta_star.shape, theta_star.dtype)
+        derivs = [weighted_sum(lambda *a: neg_grad(theta_star, *a), ft_args, like)]
         for _ in range(order - 1):
-            _, series = jet.jet(neg_grad, (theta_star,), (derivs,))
-            derivs.append(series[-1])
+            top = lambda *a, d=tuple(derivs): jet.jet(
+                lambda th: neg_grad(th, *a), (theta_star,), (list(d),)
+            )[1][-1]
+            derivs.append(weighted_sum(top, ft_args, like))
         fact = jnp.asarray([math.factorial(k) for k in range(1, order + 1)], theta_star.dtype)
+        ulike = jax.ShapeDtypeStruct((order,), theta_star.dtype)
         coeffs = []
         for fn, a in zip(align_loss_fns, align_args, strict=True):
-            _, useries = jet.jet(lambda th, fn=fn, a=a: fn(th, *a), (theta_star,), (derivs,))
-            coeffs.append(jnp.stack(useries) / fact)
+            useries = lambda *b, fn=fn: jnp.stack(
+                jet.jet(lambda th: fn(th, *b), (theta_star,), (derivs,))[1]
+            )
+            coeffs.append(weighted_sum(useries, a, ulike) / fact)
         return coeffs, jnp.stack(derivs)
 
     return jax.jit(run)

@@ -18,7 +18,9 @@ measured without an ``n × n`` matrix:
 
 from __future__ import annotations
 
+import dataclasses
 import math
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -26,6 +28,7 @@ import numpy as np
 
 from quartic.core import aic, curvature, dynamics, fitting, theory
 from quartic.core.cache import memo
+from quartic.core.chunked import Chunked, weighted_sum
 from quartic.core.errors import QuarticError, require_float64
 from quartic.models.transformer import PRESETS, TransformerConfig, count_params
 from quartic.studies import collapse
@@ -67,13 +70,107 @@ def aligned(size: str, seed: int = 0, category: int = 0, world_seed: int = 0):
     return model, collapse.CollapseSetup(model.apply_fn, model.theta_star, world, category)
 
 
-def fisher_ops(setup: collapse.CollapseSetup) -> aic.GaussNewton:
+@dataclasses.dataclass(frozen=True)
+class ChunkedGaussNewton(aic.GaussNewton):
+    """:class:`~quartic.core.aic.GaussNewton` whose product loops over the rows of its batch in
+    ``J`` equal chunks of about ``rows`` (``lax.scan``): ``F v = (1/J) Σ_j F_j v``, F_j the
+    chunk's Fisher (a mean over its rows), the same F up to the rounding of the sum.
+
+    The plain form linearises the logits of all N rows once and keeps that linearisation for every
+    product (1.95 GiB at 1M parameters, N = 384); this one linearises one chunk inside each product,
+    so a product costs one more forward pass of the batch and memory holds one chunk's."""
+
+    rows: int = 64
+
+    def matvec(self, theta, to_params, params, batch):
+        if batch is None:
+            raise QuarticError("ChunkedGaussNewton needs the Fisher's batch (fisher_batch)")
+        total = {int(x.shape[0]) for x in jax.tree_util.tree_leaves(batch)}
+        if len(total) != 1:
+            raise QuarticError(f"the Fisher batch's arrays disagree on the rows: {sorted(total)}")
+        (total,) = total
+        r = _even_rows(total, self.rows)
+        parts = jax.tree_util.tree_map(lambda x: x.reshape((total // r, r) + x.shape[1:]), batch)
+        fn = self.logits_fn
+
+        def mv(v):
+            def step(acc, part):
+                logits = lambda th: fn(to_params(th, params), part)
+                return acc + curvature.fisher_matvec(logits, theta)(v), None
+
+            return jax.lax.scan(step, jnp.zeros_like(v), parts)[0] / (total // r)
+
+        return mv
+
+
+def fisher_ops(setup: collapse.CollapseSetup, rows: int | None = None) -> aic.GaussNewton:
     """The skill's true Fisher as a :class:`~quartic.core.aic.GaussNewton` of the answer logits
-    (one object per setup, so every check of the setup reuses one compiled program)."""
+    (one object per setup and ``rows``, so every check of the setup reuses one compiled program);
+    ``rows``: a :class:`ChunkedGaussNewton` of that many rows per chunk."""
     apply_fn, to_params = setup.apply_fn, setup.to_params
-    return setup.compiled(
-        ("scaling_gauss_newton",),
-        lambda: aic.GaussNewton(lambda th, batch: tw.answer_logits(apply_fn, to_params(th), batch)),
+    logits = lambda th, batch: tw.answer_logits(apply_fn, to_params(th), batch)
+    if rows is None:
+        return setup.compiled(("scaling_gauss_newton",), lambda: aic.GaussNewton(logits))
+    return setup.compiled(("scaling_gauss_newton", rows), lambda: ChunkedGaussNewton(logits, rows))
+
+
+def chunked_loss(fn: Callable[..., jax.Array]) -> Callable[[jax.Array, Chunked], jax.Array]:
+    """``L(θ, c) = Σ_j w_j fn(θ, *c.parts_j)`` for a :class:`~quartic.core.chunked.Chunked` ``c``,
+    as a loss for :func:`quartic.core.aic.check_aic` whose Hessian products hold one chunk at a time.
+
+    Its value is a scan over the chunks; its derivative (a ``custom_jvp``) is ``⟨∇L, θ̇⟩`` with
+    ``∇L = Σ_j w_j ∇fn_j`` a scan whose body is checkpointed (``jax.checkpoint``), so linearising
+    ``∇L`` (``curvature.hvp_fn``) keeps only each chunk's inputs, and every product ``Hv``
+    recomputes one chunk's forward and backward pass at a time instead of keeping the whole
+    batch's (2.1 GiB for the KL drift's 384 rows at 1M parameters). The data are not
+    differentiated (their tangents are taken as zero)."""
+    grad_chunk = jax.checkpoint(lambda th, part: jax.grad(fn)(th, *part))
+
+    def loss(theta, c):
+        scalar = jax.ShapeDtypeStruct((), theta.dtype)
+
+        @jax.custom_jvp
+        def value(th):
+            return weighted_sum(lambda *part: fn(th, *part), c, scalar)
+
+        @value.defjvp
+        def value_jvp(primals, tangents):
+            (th,), (dth,) = primals, tangents
+            return value(th), jnp.vdot(weighted_sum(lambda *part: grad_chunk(th, part), c, th), dth)
+
+        return value(theta)
+
+    return loss
+
+
+def aic_args(setup: collapse.CollapseSetup, ft_data: tuple, rows: int | None) -> dict:
+    """The loss, data and Fisher keywords of the scaling study's
+    :func:`~quartic.core.aic.check_aic` (KL drift as L_A, ``setup.ft_fn`` as L_FT, the skill's
+    Gauss–Newton F): whole batches for ``rows=None``; else both losses as :func:`chunked_loss` over
+    :func:`kl_chunks` / :func:`ft_chunks` and F as a :class:`ChunkedGaussNewton`, so no
+    linearisation of a whole batch is kept through the check (at 1M parameters XLA gave those of
+    F, L_FT and L_A 1.95, 2.92 and 2.08 GiB of buffers; the check's peak resident memory fell from
+    9.0 to 7.6 GiB with chunks of 64 rows, and no further with 32: the rest is not per row). Same
+    values up to rounding; each Hessian or Fisher product recomputes its chunks' forward (and
+    backward) passes."""
+    kl_fn, kl_data = setup.align_fns["kl"], setup.align_data["kl"]
+    if rows is None:
+        return dict(
+            align_loss_fn=kl_fn,
+            align_batch=kl_data,
+            ft_loss_fn=setup.ft_fn,
+            ft_batch=ft_data,
+            fisher=fisher_ops(setup),
+            fisher_batch=setup.skill,
+        )
+    chunked = lambda name, fn: setup.compiled(("scaling_chunked", name), lambda: chunked_loss(fn))
+    return dict(
+        align_loss_fn=chunked("kl", kl_fn),
+        align_batch=kl_chunks(kl_data, rows),
+        ft_loss_fn=chunked("ft", setup.ft_fn),
+        ft_batch=ft_chunks(ft_data, rows),
+        fisher=fisher_ops(setup, rows),
+        fisher_batch=setup.skill,
     )
 
 
@@ -127,6 +224,77 @@ def fisher_spectrum(
     return out, res.vectors
 
 
+#: Above this many parameters the AIC check and the Taylor onset loop over row chunks
+#: (:func:`aic_args`, :func:`taylor_args`).
+CHUNK_ABOVE = 30_000
+
+
+def chunk_rows(n: int) -> int | None:
+    """Rows per chunk of the check's and the Taylor onset's data at ``n`` parameters (``None``:
+    whole batches).
+
+    The nested jets hold about rows × order activations of the model at once: order 6 over the
+    256-row task batch needed 6.1 GiB at 100k parameters, 8.3 GiB at 300k and 17.7 GiB at 1M (2.6
+    GiB at 100k in chunks of 64 rows; 2.4 in chunks of 32, which took longer). The values are
+    unchanged up to rounding."""
+    return None if n <= CHUNK_ABOVE else 64
+
+
+def _even_rows(total: int, rows: int) -> int:
+    """The largest divisor of ``total`` that is at most ``rows`` (chunks of equal shape)."""
+    if rows < 1:
+        raise QuarticError(f"rows per chunk must be >= 1, got {rows}")
+    return max(r for r in range(1, min(rows, total) + 1) if total % r == 0)
+
+
+def _split_rows(batch: dict, rows: int) -> list[dict]:
+    total = {int(np.shape(v)[0]) for v in batch.values()}
+    if len(total) != 1:
+        raise QuarticError(f"the batch's arrays disagree on the number of rows: {sorted(total)}")
+    (total,) = total
+    r = _even_rows(total, rows)
+    return [{k: v[i : i + r] for k, v in batch.items()} for i in range(0, total, r)]
+
+
+def ft_chunks(ft_data: tuple, rows: int) -> Chunked:
+    """``ft_data = (batch, πg, θ*)`` of ``setup.ft_fn`` as a :class:`~quartic.core.chunked.Chunked`
+    of about ``rows`` rows per chunk (a divisor of the batch's rows, so the chunks are equal).
+
+    ``L_FT`` is the masked mean ``Σ m·ℓ / max(M, 1)``, ``M = Σ m``
+    (:func:`quartic.tasks.token_world.lm_loss`): with mask sums ``M_j ≥ 1`` per chunk it is exactly
+    ``Σ_j (M_j/M) L_j``, and these weights sum to 1, so the tilt ``−⟨πg, θ − θ*⟩`` (the same in
+    every chunk) is counted once. A chunk with ``M_j < 1`` (no answer position) would break both:
+    :class:`QuarticError`, use larger chunks."""
+    batch, shift, theta = ft_data
+    parts = _split_rows(batch, rows)
+    sums = np.asarray([float(np.sum(np.asarray(p["mask"], np.float64))) for p in parts])
+    if np.any(sums < 1.0):
+        raise QuarticError(
+            f"a chunk of {len(parts[0]['mask'])} rows has mask sum {sums.min():g} < 1: the chunked "
+            "masked mean would not equal the batch's; use larger chunks"
+        )
+    return Chunked.stack([((p, shift, theta),) for p in parts], sums / sums.sum())
+
+
+def kl_chunks(kl_data: dict, rows: int) -> Chunked:
+    """The KL drift's data (``setup.align_data["kl"]``, a mean over rows) as a
+    :class:`~quartic.core.chunked.Chunked` of about ``rows`` rows per chunk, weights ``1/J``."""
+    parts = _split_rows(kl_data, rows)
+    return Chunked.stack([(p,) for p in parts], np.full(len(parts), 1.0 / len(parts)))
+
+
+def taylor_args(
+    setup: collapse.CollapseSetup, ft_data: tuple, rows: int | None
+) -> tuple[tuple | Chunked, tuple | Chunked]:
+    """``(align_args, ft_args)`` of :func:`quartic.core.theory.taylor_onset` for the KL drift and
+    ``setup.ft_fn``: plain tuples for ``rows=None``, else row chunks (:func:`kl_chunks`,
+    :func:`ft_chunks`) that give the same coefficients up to rounding in a fraction of the memory."""
+    kl_data = setup.align_data["kl"]
+    if rows is None:
+        return (kl_data,), (ft_data,)
+    return kl_chunks(kl_data, rows), ft_chunks(ft_data, rows)
+
+
 def task_scaling(
     setup: collapse.CollapseSetup,
     task: str,
@@ -142,22 +310,19 @@ def task_scaling(
     """Every scaling quantity of one benign task at θ* (the KL drift as the alignment loss)."""
     batch = setup.task_batch(task)
     ft_data = (batch, jnp.zeros_like(setup.theta), setup.theta)
-    kl_fn, kl_data = setup.align_fns["kl"], setup.align_data["kl"]
+    kl_fn = setup.align_fns["kl"]
+    rows = chunk_rows(setup.n)
     rep = aic.check_aic(
-        kl_fn,
-        setup.ft_fn,
-        setup.theta,
+        params=setup.theta,
         rank=rank,
-        align_batch=kl_data,
-        ft_batch=ft_data,
-        fisher=fisher_ops(setup),
-        fisher_batch=setup.skill,
         method="lanczos",
         num_iters=num_iters,
         fisher_trace=trace,
+        **aic_args(setup, ft_data, rows),
     )
+    align_args, ft_args = taylor_args(setup, ft_data, rows)
     onset = theory.taylor_onset(
-        kl_fn, setup.ft_fn, setup.theta, taylor_order, align_args=(kl_data,), ft_args=(ft_data,)
+        kl_fn, setup.ft_fn, setup.theta, taylor_order, align_args=align_args, ft_args=ft_args
     )
     coef = np.asarray(onset.coefficients)
     order, _ = onset.onset(rtol=1e-6)
