@@ -101,3 +101,8 @@ def test_clear_all_empties_every_registered_cache_and_memo():
     assert square(3) == 9 and calls == [3, 3]  # computed again after the clear
     with pytest.raises(QuarticError, match="maxsize"):
         memo(0)
+
+
+def test_bootstrap_spearman_is_nan_when_no_resample_ranks():
+    lo, hi = measure.bootstrap_spearman([1.0, 2.0, 3.0], [5.0, 5.0, 5.0], num=20)
+    assert np.isnan(lo) and np.isnan(hi)

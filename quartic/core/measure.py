@@ -138,7 +138,8 @@ def spearman(x, y) -> float:
 def bootstrap_spearman(
     x, y, num: int = 2000, seed: int = 0, level: float = 0.95
 ) -> tuple[float, float]:
-    """Percentile bootstrap interval of Spearman's ρ (pairs resampled with replacement)."""
+    """Percentile bootstrap interval of Spearman's ρ (pairs resampled with replacement); NaNs when
+    no resample has a defined ρ (a constant side, or fewer than two pairs)."""
     rng = np.random.default_rng(seed)
     x, y = np.asarray(x), np.asarray(y)
     vals = []
@@ -147,6 +148,8 @@ def bootstrap_spearman(
         r = spearman(x[i], y[i])
         if np.isfinite(r):
             vals.append(r)
+    if not vals:
+        return float("nan"), float("nan")
     lo, hi = np.quantile(vals, [(1 - level) / 2, (1 + level) / 2])
     return float(lo), float(hi)
 

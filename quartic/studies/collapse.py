@@ -555,3 +555,31 @@ def long_finetune(
         "steps": rec.tolist(),
         **obs,
     }
+
+
+def overlap_harm(records: list[dict]) -> dict:
+    """Spearman ρ between the overlap scores at the end of :func:`long_finetune` runs and their
+    harm, with percentile bootstrap intervals (runs resampled). ``harm`` is the harmfulness rate;
+    ``du_kl`` (the KL drift of the skill) is its continuous counterpart, which still ranks runs
+    when no held-out prompt flips. A ρ that is undefined (one side constant, e.g. no run harmful
+    at all) is ``None``, as are its interval's ends."""
+    final = lambda key: [r[key][-1] for r in records]  # noqa: E731
+    overlap, f_overlap, harm = final("overlap"), final("fisher_overlap"), final("harmfulness")
+    du_kl = final("du_kl")
+    out = {
+        "n": len(records),
+        "tasks": len({r["task"] for r in records}),
+        "seeds": len({r["seed"] for r in records}),
+        "spearman_overlap_harm": measure.spearman(overlap, harm),
+        "spearman_overlap_harm_ci95": measure.bootstrap_spearman(overlap, harm),
+        "spearman_fisher_overlap_harm": measure.spearman(f_overlap, harm),
+        "spearman_fisher_overlap_harm_ci95": measure.bootstrap_spearman(f_overlap, harm),
+        "spearman_fisher_overlap_du_kl": measure.spearman(f_overlap, du_kl),
+        "spearman_fisher_overlap_du_kl_ci95": measure.bootstrap_spearman(f_overlap, du_kl),
+        "spearman_overlap_du_kl": measure.spearman(overlap, du_kl),
+        "spearman_retention_harm": measure.spearman(final("retention"), harm),
+    }
+    defined = lambda x: None if x != x else x  # noqa: E731  (NaN is the only x != x)
+    return {
+        k: [defined(x) for x in v] if isinstance(v, tuple) else defined(v) for k, v in out.items()
+    }

@@ -175,19 +175,7 @@ def summarize(res: dict, config) -> dict:
     full = [r for r in longs if not r.get("lora_rank")]
     benign = [r for r in full if r["task"] != "harmful"]
     if len(benign) >= 3:
-        final = lambda key, rs=benign: [r[key][-1] for r in rs]  # noqa: E731
-        overlap, f_overlap, harm = final("overlap"), final("fisher_overlap"), final("harmfulness")
-        out["overlap_harm"] = {
-            "n": len(benign),
-            "tasks": len({r["task"] for r in benign}),
-            "seeds": len({r["seed"] for r in benign}),
-            "spearman_overlap_harm": measure.spearman(overlap, harm),
-            "spearman_overlap_harm_ci95": measure.bootstrap_spearman(overlap, harm),
-            "spearman_fisher_overlap_harm": measure.spearman(f_overlap, harm),
-            "spearman_fisher_overlap_harm_ci95": measure.bootstrap_spearman(f_overlap, harm),
-            "spearman_overlap_du_kl": measure.spearman(overlap, final("du_kl")),
-            "spearman_retention_harm": measure.spearman(final("retention"), harm),
-        }
+        out["overlap_harm"] = collapse.overlap_harm(benign)
     per_task = {}
     for r in longs:
         arm = f"lora{r['lora_rank']}" if r.get("lora_rank") else "full"
