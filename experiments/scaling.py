@@ -4,9 +4,11 @@ Aligned transformers of 2k to 1M parameters (θ* as the collapse study builds it
 the six benign tasks: ‖Pg‖/‖g‖ beside the random-direction baseline √(d/n), the Fisher's top-d share
 and effective rank, λ_d, γ_F, t×·λ_max(H_FT), the exact Taylor coefficients and onset order, the
 simulated KL drift against the second-order forecast for t·λ_max ≤ 0.1, with d = 10 and d holding
-90 % of the Fisher trace. All matrix-free (quartic.studies.scaling). Each quantity is fitted against
-n as a power law with a bootstrap interval and t×·λ_max and ‖Pg‖/‖g‖ are extrapolated to 1.7e9 and
-3e9 parameters with a prediction interval. The quartic window (t² → t⁴ crossover before the
+90 % of the Fisher trace. All matrix-free (quartic.studies.scaling). Then each task is fine-tuned
+for long (Adam, as the collapse study): harm (harmfulness rate, KL drift) and retention at the end,
+and Spearman ρ(Fisher-weighted overlap, harm) per size with a bootstrap interval. Each quantity is
+fitted against n as a power law with a bootstrap interval and t×·λ_max and ‖Pg‖/‖g‖ are
+extrapolated to 1.7e9 and 3e9 parameters with a prediction interval. The quartic window (t² → t⁴ crossover before the
 validity horizon) exists where t×·λ_max < 1.
 
     quartic run scaling --quick      # 2k, 30k, 100k; one seed; three tasks
@@ -20,19 +22,17 @@ import sys
 import time
 
 import jax
-import numpy as np
+import jax.numpy as jnp
 
+from quartic.core import cache
 from quartic.core.errors import QuarticError
-from quartic.harness import plotting
 from quartic.harness.runs import RunDir, run_sweep, write_json_atomic
-from quartic.studies import scaling
+from quartic.studies import collapse, scaling
+from quartic.studies import scaling_report as report
 from quartic.tasks import token_world as tw
 
 TITLE = "Scale: ‖Pg‖/‖g‖, t×·λ_max and the onset order from 2k to 1M parameters, extrapolated"
 QUICK_SECONDS = 600
-
-FITTED = ("ortho_ratio", "t_cross_lambda", "gamma_fisher", "lambda_d", "ortho_ratio_d_share")
-EXTRAPOLATED = ("t_cross_lambda", "ortho_ratio")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,6 +48,8 @@ class Config:
     num_times: int = 6
     extrapolate_to: tuple[float, ...] = (1.7e9, 3e9)
     bootstrap: int = 2000
+    long_steps: int = 1000  # long fine-tuning (harm, retention, overlap); 0 skips it
+    long_lr: float = 1e-3  # Adam, as the collapse study
 
     @classmethod
     def quick(cls) -> Config:
@@ -57,6 +59,7 @@ class Config:
             tasks=("sort", "lookup", "addition"),
             taylor_order=4,
             bootstrap=500,
+            long_steps=300,
         )
 
     def __post_init__(self):
@@ -70,9 +73,20 @@ class Config:
             raise QuarticError(f"taylor_order must be >= 4 (c₄ is read), got {self.taylor_order}")
         if not 0 < self.share < 1:
             raise QuarticError(f"share must lie in (0, 1), got {self.share}")
+        if self.long_steps < 0 or self.long_lr <= 0:
+            raise QuarticError(
+                f"long_steps must be >= 0 and long_lr > 0, got {self.long_steps}, {self.long_lr}"
+            )
 
 
 def _model_unit(config: Config, size: str, seed: int) -> dict:
+    try:
+        return _measure_model(config, size, seed)
+    finally:  # each unit is another model: release its compiled programs (a long run compiling
+        cache.clear_all()  # hundreds of them ran out of memory maps at the fourth size)
+
+
+def _measure_model(config: Config, size: str, seed: int) -> dict:
     jax.config.update("jax_enable_x64", True)
     t0 = time.perf_counter()
     _, setup = scaling.aligned(size, seed)
@@ -98,8 +112,17 @@ def _model_unit(config: Config, size: str, seed: int) -> dict:
             num_times=config.num_times,
         )
         seconds[task] = time.perf_counter() - t0
+    long = {}
+    if config.long_steps:
+        basis, eig_top = vecs[:, : config.rank], jnp.asarray(spectrum["eigenvalues"][: config.rank])
+        t0 = time.perf_counter()
+        for task in config.tasks:
+            long[task] = collapse.long_finetune(
+                setup, task, basis, eig_top, config.long_steps, config.long_lr, seed
+            )
+        seconds["long"] = time.perf_counter() - t0
     return {"size": size, "seed": seed, "n": setup.n, "spectrum": spectrum, "tasks": tasks,
-            "seconds": seconds}  # fmt: skip
+            "long": long, "seconds": seconds}  # fmt: skip
 
 
 def run(config: Config, out_dir: pathlib.Path) -> dict:
@@ -117,133 +140,16 @@ def run(config: Config, out_dir: pathlib.Path) -> dict:
     return summary
 
 
-def _rows(results: dict) -> list[dict]:
-    rows = []
-    for unit in results.values():
-        spec = unit["spectrum"]
-        for r in unit["tasks"].values():
-            rows.append({**r, "seed": unit["seed"], "share_top_d": spec["share_top_d"],
-                         "effective_rank": spec["effective_rank_bounds"][0]})  # fmt: skip
-    return rows
-
-
 def summarize(results: dict, config: Config) -> dict:
-    rows = _rows(results)
-    per_size = {}
-    for unit in sorted(results.values(), key=lambda u: u["n"]):
-        r = [x for x in rows if x["n"] == unit["n"]]
-        pick = lambda k, r=r: [x[k] for x in r if x[k] is not None]  # noqa: E731
-        entry = per_size.setdefault(unit["size"], {"n": [], "spectrum": []})
-        entry["n"].append(unit["n"])
-        entry["spectrum"].append({k: v for k, v in unit["spectrum"].items() if k != "eigenvalues"})
-        for k in (*FITTED, "random_ortho_ratio", "random_ortho_ratio_d_share",
-                  "forecast_max_rel_error", "flow_onset_slope", "c4_over_gamma_f"):  # fmt: skip
-            vals = np.asarray(pick(k), float)
-            entry[k] = (
-                [float(vals.min()), float(np.median(vals)), float(vals.max())]
-                if vals.size
-                else None
-            )
-        entry["onset_orders"] = sorted({x["onset_order"] for x in r if x["onset_order"]})
-    n = np.asarray([x["n"] for x in rows], float)
-    fits = {
-        k: scaling.power_law(
-            n,
-            [np.nan if x[k] is None else x[k] for x in rows],
-            config.extrapolate_to if k in EXTRAPOLATED else (),
-            config.bootstrap,
-        )
-        for k in (*FITTED, "share_top_d", "effective_rank")
-    }
-    return {
-        "per_size": per_size,
-        "fits": fits,
-        "verdict": verdict(fits.get("t_cross_lambda"), config.extrapolate_to),
-        "rows": rows,
-    }
-
-
-def verdict(fit: dict | None, sizes) -> str:
-    """One plain sentence from the extrapolated t×·λ_max (the window exists where it is < 1)."""
-    if fit is None:
-        return "Too few sizes to extrapolate t×·λ_max."
-    parts = []
-    for s in sizes:
-        e = fit["extrapolation"][f"{s:.3g}"]
-        lo, hi = e["interval"]
-        state = "open" if hi < 1 else "closed" if lo > 1 else "undetermined"
-        parts.append(
-            f"at n = {s:.2g} t×·λ_max ≈ {e['fit']:.2g} (95 % PI {lo:.2g}–{hi:.2g}): {state}"
-        )
-    return (
-        "The quartic window (t×·λ_max < 1) is predicted "
-        + "; ".join(parts)
-        + f" (fit exponent {fit['exponent']:.2f}, interval "
-        + f"{fit['exponent_interval'][0]:.2f} to {fit['exponent_interval'][1]:.2f})."
-    )
+    return report.summarize(results, config.extrapolate_to, config.bootstrap)
 
 
 def table(summary: dict) -> list[dict]:
-    rows = []
-    for size, e in summary["per_size"].items():
-        if e["ortho_ratio"] is None:
-            continue
-        rows.append(dict(
-            quantity=f"{size} (n={e['n'][0]}): ‖Pg‖/‖g‖ median vs random √(d/n)",
-            theory="≈ √(d/n) if benign g were random",
-            measured=f"{e['ortho_ratio'][1]:.3g} vs {e['random_ortho_ratio'][1]:.3g}",
-            verdict="info",
-        ))  # fmt: skip
-        rows.append(dict(
-            quantity=f"{size}: t×·λ_max(H) median [min, max]",
-            theory="< 1 for a t⁴ window",
-            measured=f"{e['t_cross_lambda'][1]:.3g} [{e['t_cross_lambda'][0]:.3g}, "
-            f"{e['t_cross_lambda'][2]:.3g}]",
-            verdict="open" if e["t_cross_lambda"][2] < 1 else "closed",
-        ))  # fmt: skip
-    for k in EXTRAPOLATED:
-        fit = summary["fits"].get(k)
-        if fit:
-            lo, hi = fit["exponent_interval"]
-            theory = "-0.5 for a random direction" if k == "ortho_ratio" else "< 0 if it opens"
-            rows.append(dict(quantity=f"{k} ∝ n^b: b", theory=theory,
-                             measured=f"{fit['exponent']:.3f} [{lo:.3f}, {hi:.3f}]",
-                             verdict="info"))  # fmt: skip
-    rows.append(dict(quantity="window at 1.7e9-3e9 params", theory="t×·λ_max < 1",
-                     measured=summary["verdict"], verdict="info"))  # fmt: skip
-    return rows
+    return report.table(summary)
 
 
 def plot(out_dir: pathlib.Path, fig_dir: pathlib.Path) -> list[pathlib.Path]:
-    import matplotlib.pyplot as plt
-
-    summary_path = pathlib.Path(out_dir) / "summary.json"
-    if not summary_path.exists():
-        return []
-    import json
-
-    summary = json.loads(summary_path.read_text())
-    rows = summary["rows"]
-    n = np.asarray([r["n"] for r in rows], float)
-    grid = np.geomspace(n.min(), 3e9, 100)
-    fig, axes = plt.subplots(2, 2, figsize=(10, 8))
-    for ax, key in zip(axes.ravel(), ("ortho_ratio", "t_cross_lambda", "gamma_fisher", "lambda_d"),
-                       strict=True):  # fmt: skip
-        y = np.asarray([np.nan if r[key] is None else r[key] for r in rows], float)
-        ax.loglog(n, y, "o", alpha=0.5, label=key)
-        fit = summary["fits"].get(key)
-        if fit:
-            ax.loglog(grid, fit["prefactor"] * grid ** fit["exponent"], "-", label="power-law fit")
-            for s, e in fit["extrapolation"].items():
-                ax.errorbar(float(s), e["fit"], yerr=[[e["fit"] - e["interval"][0]],
-                            [e["interval"][1] - e["fit"]]], fmt="s", capsize=4)  # fmt: skip
-        if key == "ortho_ratio":
-            ax.loglog(grid, np.sqrt(rows[0]["rank"] / grid), "k--", label="random √(d/n)")
-        if key == "t_cross_lambda":
-            ax.axhline(1.0, color="k", ls=":", label="window closes (t×·λ = 1)")
-        ax.set_xlabel("parameters n")
-        ax.legend(fontsize=7)
-    return [plotting.save(fig, pathlib.Path(fig_dir) / "scaling.png")]
+    return report.plot(out_dir, fig_dir)
 
 
 if __name__ == "__main__":

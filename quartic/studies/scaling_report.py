@@ -1,0 +1,207 @@
+"""The scaling study's report: its summary (per-size medians, power-law fits and the extrapolation,
+overlap vs harm after long fine-tuning), its table rows and its figure, from the unit results of
+``experiments/scaling.py``.
+
+- :func:`summarize`: per size, [min, median, max] of each quantity over seeds × tasks; each fitted
+  quantity against n as a power law (:func:`quartic.studies.scaling.power_law`); the verdict.
+- :func:`verdict`: one plain sentence from the extrapolated t×·λ_max.
+- :func:`table`, :func:`plot`: the rows of ``quartic reproduce``'s table and ``scaling.png``.
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+
+import numpy as np
+
+from quartic.harness import plotting
+from quartic.studies import collapse
+from quartic.studies.scaling import power_law
+
+FITTED = ("ortho_ratio", "t_cross_lambda", "gamma_fisher", "lambda_d", "ortho_ratio_d_share")
+EXTRAPOLATED = ("t_cross_lambda", "ortho_ratio")
+LONG_KEYS = ("harmfulness", "retention", "du_kl", "fisher_overlap")
+
+
+def _rows(results: dict) -> list[dict]:
+    rows = []
+    for unit in results.values():
+        spec = unit["spectrum"]
+        for r in unit["tasks"].values():
+            rows.append({**r, "seed": unit["seed"], "share_top_d": spec["share_top_d"],
+                         "effective_rank": spec["effective_rank_bounds"][0]})  # fmt: skip
+    return rows
+
+
+def summarize(results: dict, extrapolate_to=(1.7e9, 3e9), bootstrap: int = 2000) -> dict:
+    """The summary of the unit results ``{name: unit}`` (each unit one model: its size, seed, n,
+    Fisher spectrum, per-task quantities and, when run, its long fine-tuning records)."""
+    rows = _rows(results)
+    per_size = {}
+    for unit in sorted(results.values(), key=lambda u: u["n"]):
+        r = [x for x in rows if x["n"] == unit["n"]]
+        pick = lambda k, r=r: [x[k] for x in r if x[k] is not None]  # noqa: E731
+        entry = per_size.setdefault(unit["size"], {"n": [], "spectrum": []})
+        entry["n"].append(unit["n"])
+        entry["spectrum"].append({k: v for k, v in unit["spectrum"].items() if k != "eigenvalues"})
+        for k in (*FITTED, "random_ortho_ratio", "random_ortho_ratio_d_share",
+                  "forecast_max_rel_error", "flow_onset_slope", "c4_over_gamma_f"):  # fmt: skip
+            vals = np.asarray(pick(k), float)
+            entry[k] = (
+                [float(vals.min()), float(np.median(vals)), float(vals.max())]
+                if vals.size
+                else None
+            )
+        entry["onset_orders"] = sorted({x["onset_order"] for x in r if x["onset_order"]})
+    for size, entry in per_size.items():  # long fine-tuning: final values, overlap vs harm
+        longs = [
+            r for u in results.values() if u["size"] == size for r in u.get("long", {}).values()
+        ]
+        if longs:
+            finals = {k: [r[k][-1] for r in longs] for k in LONG_KEYS}
+            entry["long"] = {k: [min(v), float(np.median(v)), max(v)] for k, v in finals.items()}
+            entry["overlap_harm"] = collapse.overlap_harm(longs) if len(longs) >= 3 else None
+    long_records = [
+        {"size_index": i, "task": t, "seed": u["seed"], **{k: r[k][-1] for k in LONG_KEYS}}
+        for i, size in enumerate(per_size)
+        for u in results.values()
+        if u["size"] == size
+        for t, r in u.get("long", {}).items()
+    ]
+    n = np.asarray([x["n"] for x in rows], float)
+    fits = {
+        k: power_law(
+            n,
+            [np.nan if x[k] is None else x[k] for x in rows],
+            extrapolate_to if k in EXTRAPOLATED else (),
+            bootstrap,
+        )
+        for k in (*FITTED, "share_top_d", "effective_rank")
+    }
+    return {
+        "per_size": per_size,
+        "fits": fits,
+        "verdict": verdict(fits.get("t_cross_lambda"), extrapolate_to),
+        "rows": rows,
+        "long_records": long_records,
+    }
+
+
+def verdict(fit: dict | None, sizes) -> str:
+    """One plain sentence from the extrapolated t×·λ_max (the window exists where it is < 1)."""
+    if fit is None:
+        return "Too few sizes to extrapolate t×·λ_max."
+    parts = []
+    for s in sizes:
+        e = fit["extrapolation"][f"{s:.3g}"]
+        lo, hi = e["interval"]
+        state = "open" if hi < 1 else "closed" if lo > 1 else "undetermined"
+        parts.append(
+            f"at n = {s:.2g} t×·λ_max ≈ {e['fit']:.2g} (95 % PI {lo:.2g}–{hi:.2g}): {state}"
+        )
+    return (
+        "The quartic window (t×·λ_max < 1) is predicted "
+        + "; ".join(parts)
+        + f" (fit exponent {fit['exponent']:.2f}, interval "
+        + f"{fit['exponent_interval'][0]:.2f} to {fit['exponent_interval'][1]:.2f})."
+    )
+
+
+def table(summary: dict) -> list[dict]:
+    rows = []
+    for size, e in summary["per_size"].items():
+        if e["ortho_ratio"] is None:
+            continue
+        rows.append(dict(
+            quantity=f"{size} (n={e['n'][0]}): ‖Pg‖/‖g‖ median vs random √(d/n)",
+            theory="≈ √(d/n) if benign g were random",
+            measured=f"{e['ortho_ratio'][1]:.3g} vs {e['random_ortho_ratio'][1]:.3g}",
+            verdict="info",
+        ))  # fmt: skip
+        rows.append(dict(
+            quantity=f"{size}: t×·λ_max(H) median [min, max]",
+            theory="< 1 for a t⁴ window",
+            measured=f"{e['t_cross_lambda'][1]:.3g} [{e['t_cross_lambda'][0]:.3g}, "
+            f"{e['t_cross_lambda'][2]:.3g}]",
+            verdict="open" if e["t_cross_lambda"][2] < 1 else "closed",
+        ))  # fmt: skip
+    for size, e in summary["per_size"].items():
+        oh = e.get("overlap_harm")
+        if oh and oh["spearman_fisher_overlap_du_kl"] is not None:
+            lo, hi = oh["spearman_fisher_overlap_du_kl_ci95"]
+            rows.append(dict(
+                quantity=f"{size}: Spearman ρ(‖F½PΔθ‖, Δu_KL) after long FT, {oh['n']} runs",
+                theory="> 0 if overlap drives harm",
+                measured=f"{oh['spearman_fisher_overlap_du_kl']:.2f} [{lo:.2f}, {hi:.2f}]; "
+                f"harmfulness median {e['long']['harmfulness'][1]:.2f}, "
+                f"retention {e['long']['retention'][1]:.2f}",
+                verdict="info",
+            ))  # fmt: skip
+    for k in EXTRAPOLATED:
+        fit = summary["fits"].get(k)
+        if fit:
+            lo, hi = fit["exponent_interval"]
+            theory = "-0.5 for a random direction" if k == "ortho_ratio" else "< 0 if it opens"
+            rows.append(dict(quantity=f"{k} ∝ n^b: b", theory=theory,
+                             measured=f"{fit['exponent']:.3f} [{lo:.3f}, {hi:.3f}]",
+                             verdict="info"))  # fmt: skip
+    rows.append(dict(quantity="window at 1.7e9-3e9 params", theory="t×·λ_max < 1",
+                     measured=summary["verdict"], verdict="info"))  # fmt: skip
+    return rows
+
+
+def plot(out_dir: pathlib.Path, fig_dir: pathlib.Path) -> list[pathlib.Path]:
+    import matplotlib.pyplot as plt
+
+    summary_path = pathlib.Path(out_dir) / "summary.json"
+    if not summary_path.exists():
+        return []
+    summary = json.loads(summary_path.read_text())
+    rows = summary["rows"]
+    n = np.asarray([r["n"] for r in rows], float)
+    grid = np.geomspace(n.min(), 3e9, 100)
+    fig, axes = plt.subplots(3, 2, figsize=(10, 12))
+    _plot_long(axes[2], summary)
+    for ax, key in zip(axes[:2].ravel(), ("ortho_ratio", "t_cross_lambda", "gamma_fisher", "lambda_d"),
+                       strict=True):  # fmt: skip
+        y = np.asarray([np.nan if r[key] is None else r[key] for r in rows], float)
+        ax.loglog(n, y, "o", alpha=0.5, label=key)
+        fit = summary["fits"].get(key)
+        if fit:
+            ax.loglog(grid, fit["prefactor"] * grid ** fit["exponent"], "-", label="power-law fit")
+            for s, e in fit["extrapolation"].items():
+                ax.errorbar(float(s), e["fit"], yerr=[[e["fit"] - e["interval"][0]],
+                            [e["interval"][1] - e["fit"]]], fmt="s", capsize=4)  # fmt: skip
+        if key == "ortho_ratio":
+            ax.loglog(grid, np.sqrt(rows[0]["rank"] / grid), "k--", label="random √(d/n)")
+        if key == "t_cross_lambda":
+            ax.axhline(1.0, color="k", ls=":", label="window closes (t×·λ = 1)")
+        ax.set_xlabel("parameters n")
+        ax.legend(fontsize=7)
+    return [plotting.save(fig, pathlib.Path(fig_dir) / "scaling.png")]
+
+
+def _plot_long(axes, summary: dict) -> None:
+    """Long fine-tuning: the Fisher-weighted overlap against the KL drift, and harm against n."""
+    ax_overlap, ax_harm = axes
+    for size, e in summary["per_size"].items():
+        if "long" not in e:
+            continue
+        ax_harm.errorbar(
+            e["n"][0], e["long"]["du_kl"][1],
+            yerr=[[e["long"]["du_kl"][1] - e["long"]["du_kl"][0]],
+                  [e["long"]["du_kl"][2] - e["long"]["du_kl"][1]]],
+            fmt="o", capsize=4, label=size,
+        )  # fmt: skip
+    for r in summary.get("long_records", []):
+        ax_overlap.loglog(
+            r["fisher_overlap"], r["du_kl"], "o", alpha=0.6, color=f"C{r['size_index']}"
+        )
+    ax_overlap.set_xlabel("‖F½PΔθ‖ after long fine-tuning")
+    ax_overlap.set_ylabel("Δu_KL (harm)")
+    ax_harm.set_xscale("log")
+    ax_harm.set_yscale("log")
+    ax_harm.set_xlabel("parameters n")
+    ax_harm.set_ylabel("Δu_KL after long FT: median [min, max]")
+    ax_harm.legend(fontsize=7)

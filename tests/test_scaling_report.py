@@ -1,0 +1,119 @@
+"""The scaling study's report on constructed unit results: the power-law fit and its extrapolation
+(exact on noise-free data), the verdict's three states, and the per-size long fine-tuning summary
+(overlap vs harm)."""
+
+import math
+
+import numpy as np
+import pytest
+
+from quartic.studies import scaling_report
+from quartic.studies.scaling import power_law
+
+SIZES = {"2k": 2_000, "30k": 30_000, "300k": 300_000}
+
+
+def test_power_law_recovers_an_exact_law_and_its_extrapolation():
+    n = np.repeat(list(SIZES.values()), 3).astype(float)
+    y = 3.0 * n**-0.5
+    fit = power_law(n, [*y[:-1], -1.0], extrapolate_to=(1.7e9,), num=200)
+    # noise-free: every bootstrap refit is the same line, so the intervals collapse (float64)
+    assert fit["exponent"] == pytest.approx(-0.5, abs=1e-12)
+    assert fit["prefactor"] == pytest.approx(3.0, rel=1e-10)
+    assert fit["exponent_interval"] == pytest.approx([-0.5, -0.5], abs=1e-12)
+    e = fit["extrapolation"]["1.7e+09"]
+    assert e["fit"] == pytest.approx(3.0 / math.sqrt(1.7e9), rel=1e-10)
+    assert e["interval"] == pytest.approx([e["fit"]] * 2, rel=1e-10)
+    assert (fit["dropped"], fit["points"]) == (1, 8)
+    assert power_law([1e3, 1e3], [1.0, 2.0]) is None  # one size: nothing to fit
+
+
+@pytest.mark.parametrize(
+    "interval, state", [((0.1, 0.5), "open"), ((2.0, 9.0), "closed"), ((0.2, 75.0), "undetermined")]
+)
+def test_verdict_reads_the_prediction_interval(interval, state):
+    fit = {
+        "exponent": -0.1,
+        "exponent_interval": [-0.3, 0.1],
+        "extrapolation": {"1.7e+09": {"fit": 0.3, "interval": list(interval)}},
+    }
+    assert f": {state} " in scaling_report.verdict(fit, (1.7e9,))
+    assert scaling_report.verdict(None, (1.7e9,)).startswith("Too few sizes")
+
+
+def _unit(size: str, seed: int, overlaps: list[float], harms: list[float]) -> dict:
+    n = SIZES[size]
+    task_row = {
+        "n": n,
+        "rank": 10,
+        "ortho_ratio": 0.3,
+        "random_ortho_ratio": math.sqrt(10 / n),
+        "ortho_ratio_d_share": None,
+        "random_ortho_ratio_d_share": None,
+        "t_cross_lambda": 3.0,
+        "gamma_fisher": 1.0,
+        "lambda_d": 0.1,
+        "forecast_max_rel_error": 0.01,
+        "flow_onset_slope": 2.0,
+        "c4_over_gamma_f": None,
+        "onset_order": 2,
+    }
+    tasks = [f"task{i}" for i in range(len(overlaps))]
+    long = {
+        t: {
+            "task": t,
+            "seed": seed,
+            "harmfulness": [0.0, h / 10],
+            "retention": [0.9, 0.8],
+            "du_kl": [0.0, h],
+            "fisher_overlap": [0.0, o],
+            "overlap": [0.0, o],
+        }
+        for t, o, h in zip(tasks, overlaps, harms, strict=True)
+    }
+    return {
+        "size": size,
+        "seed": seed,
+        "n": n,
+        "spectrum": {"share_top_d": 0.9, "effective_rank_bounds": [5.0, 6.0], "eigenvalues": [1.0]},
+        "tasks": {t: {**task_row, "task": t} for t in tasks},
+        "long": long,
+    }
+
+
+def test_summary_ranks_overlap_against_harm_per_size():
+    results = {
+        "a": _unit("2k", 0, [0.1, 0.2, 0.3], [1.0, 2.0, 3.0]),  # harm rises with overlap
+        "b": _unit("2k", 1, [0.4, 0.5, 0.6], [4.0, 5.0, 6.0]),
+        "c": _unit("30k", 0, [0.1, 0.2, 0.3], [3.0, 2.0, 1.0]),  # and falls here
+    }
+    s = scaling_report.summarize(results, extrapolate_to=(1.7e9,), bootstrap=100)
+    small, large = s["per_size"]["2k"], s["per_size"]["30k"]
+    assert small["overlap_harm"]["n"] == 6 and small["overlap_harm"]["seeds"] == 2
+    assert small["overlap_harm"]["spearman_fisher_overlap_du_kl"] == pytest.approx(1.0)
+    assert large["overlap_harm"]["spearman_fisher_overlap_du_kl"] == pytest.approx(-1.0)
+    assert small["long"]["du_kl"] == [1.0, 3.5, 6.0]
+    assert small["long"]["retention"] == [0.8, 0.8, 0.8]
+    assert len(s["long_records"]) == 9
+    assert s["fits"]["ortho_ratio"]["exponent"] == pytest.approx(0.0, abs=1e-12)
+    assert "Spearman" in " ".join(r["quantity"] for r in scaling_report.table(s))
+
+
+def test_summary_without_long_runs_has_no_overlap_harm():
+    unit = _unit("2k", 0, [0.1, 0.2], [1.0, 2.0])
+    unit["long"] = {}
+    s = scaling_report.summarize({"a": unit}, extrapolate_to=(1.7e9,), bootstrap=10)
+    assert "long" not in s["per_size"]["2k"] and s["long_records"] == []
+    assert s["verdict"].startswith("Too few sizes")
+
+
+def test_undefined_correlations_are_null_not_nan():
+    from quartic.studies import collapse
+
+    records = list(_unit("2k", 0, [0.1, 0.2, 0.3], [1.0, 2.0, 3.0])["long"].values())
+    for r in records:
+        r["harmfulness"] = [0.0, 0.0]  # no held-out prompt flips
+    oh = collapse.overlap_harm(records)
+    assert oh["spearman_fisher_overlap_harm"] is None
+    assert oh["spearman_fisher_overlap_harm_ci95"] == [None, None]
+    assert oh["spearman_fisher_overlap_du_kl"] == pytest.approx(1.0)  # the KL drift still ranks
