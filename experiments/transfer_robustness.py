@@ -29,6 +29,7 @@ from quartic.harness import plotting
 from quartic.harness.runs import read_json
 from quartic.models.transformer import PRESETS
 from quartic.studies.transfer import pipeline
+from quartic.studies.transfer import summary as transfer_summary
 
 TITLE = "Transfer learning vs adversarial robustness (ΔOAcc, ΔASR by model size) and the AIC bridge"
 QUICK_SECONDS = 300
@@ -79,7 +80,7 @@ def _pm(stats: dict | None, digits: int = 1) -> str:
 
 
 def table(summary: dict) -> list[dict]:
-    rows = []
+    rows = transfer_summary.probe_rows(summary)
     b = summary["budgets"][0]
     paper = f"GPT-2 hate: {PAPER['delta_oacc']:+.2f} / {PAPER['delta_asr']:+.1f}"
     for cell in sorted(

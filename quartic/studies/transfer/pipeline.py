@@ -38,7 +38,7 @@ from quartic.core.errors import QuarticError
 from quartic.harness import checkpoint
 from quartic.harness.runs import RunDir, run_sweep, write_json_atomic
 from quartic.models.transformer import PRESETS, count_params
-from quartic.studies.transfer import baseline, bridge, evaluate, models, trainer
+from quartic.studies.transfer import baseline, bridge, evaluate, models, probe, trainer
 from quartic.studies.transfer import summary as summary_
 from quartic.studies.transfer.attack import AttackConfig, synonym_table
 from quartic.studies.transfer.robustness_metrics import robustness_metrics
@@ -299,6 +299,10 @@ def _cached(out_dir, kind: str, name: str, cfg, compute) -> tuple[list[dict], di
     return models.unstack(stacked), info
 
 
+def _initial_lms(config: StudyConfig, lm) -> list[dict]:
+    return [models.init_params(lm, 100 + i) for i in range(config.n_seeds)]
+
+
 def pretrained(config: StudyConfig, out_dir, size: str, arch: str) -> tuple[list[dict], dict]:
     """The pretrained language models of (size, arch), one per seed (cached on disk)."""
     lm = model_cfg(config, size, arch, head="lm")
@@ -307,7 +311,7 @@ def pretrained(config: StudyConfig, out_dir, size: str, arch: str) -> tuple[list
         lang = world(config)[0]
         corpus = syn.pretrain_corpus(lang, config.corpus_size, config.max_len, config.seed)
         held_out = syn.pretrain_corpus(lang, 256, config.max_len, config.seed + 1)
-        init = models.stack([models.init_params(lm, 100 + i) for i in range(config.n_seeds)])
+        init = models.stack(_initial_lms(config, lm))
         fc = trainer.FitConfig(
             config.pretrain_steps,
             config.batch_size,
@@ -479,9 +483,11 @@ def target_unit(config: StudyConfig, out_dir, setting, size, arch, ft, target, s
 
 
 def pretrain_unit(config: StudyConfig, out_dir, size: str, arch: str) -> dict:
-    _, info = pretrained(config, out_dir, size, arch)
+    bodies, info = pretrained(config, out_dir, size, arch)
     lm = model_cfg(config, size, arch, head="lm")
-    return {"kind": "pretrain", "size": size, "arch": arch, "n_params_lm": count_params(lm), **info}
+    found = probe.probe_models(bodies, _initial_lms(config, lm), world(config)[0])
+    return {"kind": "pretrain", "size": size, "arch": arch, "n_params_lm": count_params(lm),
+            "probe": found, **info}  # fmt: skip
 
 
 def source_unit(config: StudyConfig, out_dir, setting, size, arch, ft, source) -> dict:

@@ -175,10 +175,11 @@ def summarise_run(config, sweep: SweepResult) -> dict:
         for s in config.settings
     }  # fmt: skip
     summary["pretrain"] = {
-        k: {"val_curve_last": [c[-1] for c in r["val_curve"]], "objective": r["objective"]}
+        k: {"val_curve_last": [c[-1] for c in r["val_curve"]], "objective": r["objective"],
+            "size": r["size"], "arch": r["arch"], "probe": r.get("probe")}
         for k, r in res.items()
         if r.get("kind") == "pretrain"
-    }
+    }  # fmt: skip
     summary["source_test_accuracy"] = {
         k: r["source_test_accuracy"] for k, r in res.items() if r.get("kind") == "source"
     }
@@ -189,3 +190,23 @@ def summarise_run(config, sweep: SweepResult) -> dict:
     }
     summary["unit_seconds"] = float(sum(r.get("seconds", 0.0) for r in sweep.records.values()))
     return summary
+
+
+def probe_rows(summary: dict) -> list[dict]:
+    """Table rows of the pretraining probe (:mod:`quartic.studies.transfer.probe`), one per
+    (arch, size): pretrained and, in brackets, at initialisation."""
+    rows = []
+    for r in summary.get("pretrain", {}).values():
+        pr = r.get("probe")
+        if not pr:
+            continue
+        p, i = pr["pretrained"]["mean"], pr["init"]["mean"]
+        rows.append(dict(
+            quantity=f"{r['arch']} {r['size']} pretrained: synonym nearest neighbour / held-out "
+            "synonym concept probe, mean over seeds (at init)",
+            theory="probe ≥ 0.95 at sizes ≥ 30k",
+            measured=f"{p['synonym_nn_rate']:.2f} / {p['concept_probe_heldout_accuracy']:.2f} "
+            f"({i['synonym_nn_rate']:.2f} / {i['concept_probe_heldout_accuracy']:.2f})",
+            verdict="ok" if p["concept_probe_heldout_accuracy"] >= 0.95 else "weak",
+        ))  # fmt: skip
+    return rows

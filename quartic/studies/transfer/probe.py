@@ -1,0 +1,82 @@
+"""What pretraining gives: probes of the token embeddings against the language's synonym clusters.
+
+Two measurements on the embedding table ``E [V, d]`` (``params["token_embed"]``), restricted to
+content tokens:
+
+- **synonym neighbours**: the share of content tokens whose nearest other content token (cosine)
+  is a synonym, against the chance rate ``mean_t (|cluster(t)| − 1) / (n_content − 1)``;
+- **concept probe**: a linear probe of concept identity that must generalise across surface forms.
+  One member of each cluster (of two or more) is held out by a seeded draw; the other members'
+  centred, unit-norm embeddings give each concept its mean, and a held-out token is assigned the
+  concept of the nearest mean by cosine (a linear classifier with no parameter to tune). Chance
+  is ``1 / n_concepts``. It succeeds only
+  if the embedding puts synonyms in a shared linear region: the synonym structure pretraining is
+  meant to teach.
+
+:func:`embedding_probe` runs both on one parameter set; :func:`probe_models` on every seed of a
+(size, arch) and on the same models at initialisation, the baseline that says what pretraining
+added.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from quartic.core.errors import QuarticError
+from quartic.tasks import synonyms as syn
+
+
+def _features(params: dict) -> np.ndarray:
+    if "token_embed" not in params:
+        raise QuarticError(
+            f"params hold no 'token_embed' table (keys: {sorted(params)}); pass a transformer's params"
+        )
+    return np.asarray(params["token_embed"], np.float64)
+
+
+def embedding_probe(params: dict, lang: syn.Language, seed: int = 0) -> dict:
+    """Synonym-neighbour rate and held-out-synonym concept-probe accuracy of one model."""
+    emb = _features(params)
+    if emb.shape[0] != lang.vocab_size:
+        raise QuarticError(
+            f"embedding table has {emb.shape[0]} rows, the language {lang.vocab_size} tokens"
+        )
+    content = np.flatnonzero(lang.is_content)
+    concept = lang.concept_of[content]
+    x = emb[content] - emb[content].mean(0)
+    x /= np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-300)
+
+    sim = x @ x.T
+    np.fill_diagonal(sim, -np.inf)
+    nearest = np.argmax(sim, axis=1)
+    size = lang.cluster_size[concept]
+    nn_rate = float(np.mean(concept[nearest] == concept))
+    nn_chance = float(np.mean((size - 1) / (content.size - 1)))
+
+    rng = np.random.default_rng(seed)
+    held = np.zeros(content.size, bool)
+    for c in range(lang.n_concepts):
+        members = np.flatnonzero(concept == c)
+        if members.size >= 2:
+            held[rng.choice(members)] = True
+    means = np.stack([x[~held & (concept == c)].mean(0) for c in range(lang.n_concepts)])
+    means /= np.maximum(np.linalg.norm(means, axis=1, keepdims=True), 1e-300)
+    pred = np.argmax(x[held] @ means.T, axis=1)
+    return {
+        "synonym_nn_rate": nn_rate,
+        "synonym_nn_chance": nn_chance,
+        "concept_probe_heldout_accuracy": float(np.mean(pred == concept[held])),
+        "concept_probe_chance": 1.0 / lang.n_concepts,
+        "concept_probe_heldout_tokens": int(held.sum()),
+    }
+
+
+def probe_models(pretrained: list[dict], initial: list[dict], lang: syn.Language) -> dict:
+    """:func:`embedding_probe` of each seed's pretrained model and of its initialisation; per key,
+    the per-seed values and their mean."""
+    out = {}
+    for arm, plist in (("pretrained", pretrained), ("init", initial)):
+        runs = [embedding_probe(p, lang, seed=i) for i, p in enumerate(plist)]
+        out[arm] = {k: [r[k] for r in runs] for k in runs[0]}
+        out[arm]["mean"] = {k: float(np.mean([r[k] for r in runs])) for k in runs[0]}
+    return out
