@@ -109,13 +109,14 @@ def test_theory_map_functions_exist(name):
 # Every number of a results table is in a committed summary file.
 #
 # A results table (README.md, docs/results.md) has a column "source" naming, for each number of
-# its "measured" cell, the key it comes from: `NAME:dotted.key` in results/quick/NAME/summary.json
-# (list items by index: `curved.0.c4_over_paper`). The cell's numbers and the keys pair up in
+# its "measured" cell, the key it comes from: `NAME:dotted.key` in results/quick/NAME/summary.json,
+# or `full/NAME:dotted.key` in results/full/NAME/summary.json (a committed full run; list items by
+# index: `curved.0.c4_over_paper`). The cell's numbers and the keys pair up in
 # order; each number must equal the key's value rounded to the digits the table shows.
 
-RESULTS = ROOT / "results" / "quick"
+RESULTS = ROOT / "results"
 NUMBER = re.compile(r"[−-]?\d+(?:\.\d+)?(?:e[−-]?\d+)?")
-SOURCE_PAGES = [ROOT / "README.md", ROOT / "docs" / "results.md"]
+SOURCE_PAGES = [ROOT / "README.md", ROOT / "docs" / "results.md", ROOT / "docs" / "scaling.md"]
 
 
 def _table_rows(page: pathlib.Path):
@@ -140,7 +141,8 @@ def _table_rows(page: pathlib.Path):
 
 def _lookup(ref: str):
     name, _, dotted = ref.partition(":")
-    data = json.loads((RESULTS / name / "summary.json").read_text())
+    path = RESULTS / (name if name.startswith("full/") else f"quick/{name}") / "summary.json"
+    data = json.loads(path.read_text())
     parts = dotted.split(".")
     while parts:  # a key may itself hold a dot (`..._tl_le_0.1`): take the longest that exists
         for k in range(len(parts), 0, -1):
@@ -152,7 +154,7 @@ def _lookup(ref: str):
                 data, parts = data[key], parts[k:]
                 break
         else:
-            raise KeyError(f"{ref}: no key {parts[0]!r} in results/quick/{name}/summary.json")
+            raise KeyError(f"{ref}: no key {parts[0]!r} in {path.relative_to(ROOT)}")
     return data
 
 
@@ -176,7 +178,7 @@ def test_results_tables_have_sources():
 
 @pytest.mark.parametrize("page, measured, source", _source_rows(), ids=lambda x: str(x)[:40])
 def test_results_numbers_are_in_committed_summaries(page, measured, source):
-    refs = re.findall(r"`([a-z_]+:[\w./=|>]+)`", source)
+    refs = re.findall(r"`((?:full/)?[a-z_]+:[\w./=|>+]+)`", source)
     numbers = NUMBER.findall(measured.replace(",", ""))
     assert refs and len(refs) == len(numbers), f"{page}: {measured!r} vs sources {refs}"
     for shown, ref in zip(numbers, refs, strict=True):
