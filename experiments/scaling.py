@@ -8,8 +8,8 @@ simulated KL drift against the second-order forecast for t·λ_max ≤ 0.1, with
 for long (Adam, as the collapse study): harm (harmfulness rate, KL drift) and retention at the end,
 and Spearman ρ(Fisher-weighted overlap, harm) per size with a bootstrap interval. Each quantity is
 fitted against n as a power law with a bootstrap interval and t×·λ_max and ‖Pg‖/‖g‖ are
-extrapolated to 1.7e9 and 3e9 parameters with a prediction interval. The quartic window (t² → t⁴ crossover before the
-validity horizon) exists where t×·λ_max < 1.
+extrapolated to 1.7e9 and 3e9 parameters with a prediction interval. The quartic window (t² → t⁴
+crossover before the validity horizon) exists where t×·λ_max < 1.
 
     quartic run scaling --quick      # 2k, 30k, 100k; one seed; three tasks
 """

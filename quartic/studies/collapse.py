@@ -566,10 +566,7 @@ def overlap_harm(records: list[dict]) -> dict:
     final = lambda key: [r[key][-1] for r in records]  # noqa: E731
     overlap, f_overlap, harm = final("overlap"), final("fisher_overlap"), final("harmfulness")
     du_kl = final("du_kl")
-    out = {
-        "n": len(records),
-        "tasks": len({r["task"] for r in records}),
-        "seeds": len({r["seed"] for r in records}),
+    rho = {
         "spearman_overlap_harm": measure.spearman(overlap, harm),
         "spearman_overlap_harm_ci95": measure.bootstrap_spearman(overlap, harm),
         "spearman_fisher_overlap_harm": measure.spearman(f_overlap, harm),
@@ -579,7 +576,14 @@ def overlap_harm(records: list[dict]) -> dict:
         "spearman_overlap_du_kl": measure.spearman(overlap, du_kl),
         "spearman_retention_harm": measure.spearman(final("retention"), harm),
     }
-    defined = lambda x: None if x != x else x  # noqa: E731  (NaN is the only x != x)
     return {
-        k: [defined(x) for x in v] if isinstance(v, tuple) else defined(v) for k, v in out.items()
+        "n": len(records),
+        "tasks": len({r["task"] for r in records}),
+        "seeds": len({r["seed"] for r in records}),
+        **{
+            k: [measure.json_number(x) for x in v]
+            if isinstance(v, tuple)
+            else measure.json_number(v)
+            for k, v in rho.items()
+        },
     }

@@ -39,12 +39,17 @@ def summarize(results: dict, extrapolate_to=(1.7e9, 3e9), bootstrap: int = 2000)
     Fisher spectrum, per-task quantities and, when run, its long fine-tuning records)."""
     rows = _rows(results)
     per_size = {}
-    for unit in sorted(results.values(), key=lambda u: u["n"]):
-        r = [x for x in rows if x["n"] == unit["n"]]
+    units = sorted(results.values(), key=lambda u: u["n"])
+    for size in dict.fromkeys(u["size"] for u in units):  # sizes in order of n
+        group = [u for u in units if u["size"] == size]
+        r = [x for x in rows if x["n"] == group[0]["n"]]
         pick = lambda k, r=r: [x[k] for x in r if x[k] is not None]  # noqa: E731
-        entry = per_size.setdefault(unit["size"], {"n": [], "spectrum": []})
-        entry["n"].append(unit["n"])
-        entry["spectrum"].append({k: v for k, v in unit["spectrum"].items() if k != "eigenvalues"})
+        entry = per_size[size] = {
+            "n": [u["n"] for u in group],
+            "spectrum": [
+                {k: v for k, v in u["spectrum"].items() if k != "eigenvalues"} for u in group
+            ],
+        }
         for k in (*FITTED, "random_ortho_ratio", "random_ortho_ratio_d_share",
                   "forecast_max_rel_error", "flow_onset_slope", "c4_over_gamma_f"):  # fmt: skip
             vals = np.asarray(pick(k), float)
@@ -54,12 +59,9 @@ def summarize(results: dict, extrapolate_to=(1.7e9, 3e9), bootstrap: int = 2000)
                 else None
             )
         entry["onset_orders"] = sorted({x["onset_order"] for x in r if x["onset_order"]})
-    for size, entry in per_size.items():  # long fine-tuning: final values, overlap vs harm
-        longs = [
-            r for u in results.values() if u["size"] == size for r in u.get("long", {}).values()
-        ]
+        longs = [t for u in group for t in u.get("long", {}).values()]  # long fine-tuning
         if longs:
-            finals = {k: [r[k][-1] for r in longs] for k in LONG_KEYS}
+            finals = {k: [t[k][-1] for t in longs] for k in LONG_KEYS}
             entry["long"] = {k: [min(v), float(np.median(v)), max(v)] for k, v in finals.items()}
             entry["overlap_harm"] = collapse.overlap_harm(longs) if len(longs) >= 3 else None
     long_records = [
@@ -85,6 +87,7 @@ def summarize(results: dict, extrapolate_to=(1.7e9, 3e9), bootstrap: int = 2000)
         "verdict": verdict(fits.get("t_cross_lambda"), extrapolate_to),
         "rows": rows,
         "long_records": long_records,
+        "unit_seconds": {name: u.get("seconds") for name, u in results.items()},
     }
 
 
