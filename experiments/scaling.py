@@ -43,7 +43,6 @@ class Config:
     rank: int = 10
     share: float = 0.9  # the second d: the smallest holding this share of the Fisher trace
     spectrum_k: int = 40
-    num_iters: int = 60
     taylor_order: int = 6
     num_times: int = 6
     extrapolate_to: tuple[float, ...] = (1.7e9, 3e9)
@@ -93,7 +92,7 @@ def _measure_model(config: Config, size: str, seed: int) -> dict:
     seconds = {"theta_star": time.perf_counter() - t0}
     t0 = time.perf_counter()
     trace = scaling.exact_trace(setup)
-    spectrum, vecs = scaling.fisher_spectrum(
+    spectrum, pairs = scaling.fisher_spectrum(
         setup, trace, config.spectrum_k, config.rank, config.share
     )
     seconds["spectrum"] = time.perf_counter() - t0
@@ -104,17 +103,16 @@ def _measure_model(config: Config, size: str, seed: int) -> dict:
             setup,
             task,
             trace,
-            vecs,
+            pairs,
             spectrum["d_share"],
             config.rank,
-            config.num_iters,
             config.taylor_order,
             num_times=config.num_times,
         )
         seconds[task] = time.perf_counter() - t0
     long = {}
     if config.long_steps:
-        basis, eig_top = vecs[:, : config.rank], jnp.asarray(spectrum["eigenvalues"][: config.rank])
+        basis, eig_top = pairs.vectors[:, : config.rank], jnp.asarray(spectrum["eigenvalues"][: config.rank])
         t0 = time.perf_counter()
         for task in config.tasks:
             long[task] = collapse.long_finetune(

@@ -103,6 +103,44 @@ def test_lanczos_check_at_n_200_with_40_iterations():
     assert not any("λ_max(H_FT)" in w for w in lanc.warnings)
 
 
+
+def test_given_fisher_eigenpairs_replace_the_checks_lanczos():
+    """F's top pairs handed in (here 6 exact ones from eigh, of which the check takes rank = 4)
+    give the dense check's numbers to 1e-10, and their residuals are reported as given."""
+    spec = q.QuadraticSpec(n=60, d=4, tail=0.2, leak=0.05, coupling=0.8)
+    prob, _ = q.make_quadratic(jax.random.PRNGKey(5), spec)
+    w, v = jnp.linalg.eigh(prob.fisher)
+    res = jnp.arange(6, dtype=w.dtype) * 1e-14
+    pairs = q.curvature.Eigenpairs(w[::-1][:6], v[:, ::-1][:, :6], res)
+    args = (prob.align_loss_fn, prob.ft_loss_fn, prob.theta_star)
+    dense = q.check_aic(*args, rank=4)
+    given = q.check_aic(*args, rank=4, method="lanczos", fisher_eigenpairs=pairs, trace_samples=8)
+    for name in ("lambda_d", "ortho_norm", "gamma_fisher", "gamma_unweighted", "crossover_time"):
+        np.testing.assert_allclose(getattr(given, name), getattr(dense, name), rtol=1e-10)
+    np.testing.assert_array_equal(given.residuals, np.asarray(res[:4]))
+    np.testing.assert_allclose(given.eigenvalues, dense.eigenvalues[:4], rtol=1e-10)
+
+
+@pytest.mark.parametrize(
+    "method, cut, flip, match",
+    [
+        ("dense", 4, False, "needs method='lanczos'"),
+        ("lanczos", 3, False, "k >= rank"),
+        ("lanczos", 4, True, "descending"),
+    ],
+)
+def test_bad_fisher_eigenpairs_are_refused(method, cut, flip, match):
+    prob, _ = q.make_quadratic(jax.random.PRNGKey(0), q.QuadraticSpec(n=12, d=2))
+    w, v = jnp.linalg.eigh(prob.fisher)
+    w, v = (w[:cut], v[:, :cut]) if flip else (w[::-1][:cut], v[:, ::-1][:, :cut])
+    pairs = q.curvature.Eigenpairs(w, v, jnp.zeros(cut))
+    with pytest.raises(QuarticError, match=match):
+        q.check_aic(
+            prob.align_loss_fn, prob.ft_loss_fn, prob.theta_star, 4, method=method,
+            fisher_eigenpairs=pairs,
+        )
+
+
 RTOL_200 = {"lambda_d": 1e-10, "ortho_norm": 1e-10, "gamma_fisher": 1e-10, "crossover_time": 1e-10}
 
 

@@ -73,7 +73,7 @@ def test_dense_check_above_the_partial_threshold_matches_eigh():
 def test_matrix_free_aic_equals_dense_on_the_aligned_transformer(size):
     """check_aic with the Gauss–Newton matvec, Lanczos and the exact trace (no n × n matrix) equals
     check_aic on the dense Fisher to 1e-8 (Lanczos converges to rounding at n ≤ 7k: both routes are
-    float64-exact); the Hutchinson tail lies within 3 of its standard errors of the exact tail; the
+    float64-exact), with its own Lanczos of F or the study's shared one; the Hutchinson tail lies within 3 of its standard errors of the exact tail; the
     Taylor coefficients (jets, matrix-free) give c₁ = 0 at θ* and c₂ = ½ gᵀFg with the dense F."""
     from quartic.core import theory
     from quartic.studies import collapse, scaling
@@ -89,9 +89,15 @@ def test_matrix_free_aic_equals_dense_on_the_aligned_transformer(size):
     free = dict(fisher=scaling.fisher_ops(setup), fisher_batch=setup.skill, method="lanczos")
     dense = q.check_aic(*args, **kw, fisher=fisher)
     mf = q.check_aic(*args, **kw, **free, num_iters=60, fisher_trace=trace)
-    for name in ("lambda_d", "ortho_norm", "gamma_fisher", "tail_mass", "crossover_time"):
-        np.testing.assert_allclose(getattr(mf, name), getattr(dense, name), rtol=1e-8, err_msg=name)
-    np.testing.assert_allclose(mf.eigenvalues[:10], dense.eigenvalues[:10], rtol=1e-8)
+    # the study's route: F's top pairs from the model's one Lanczos (fisher_spectrum), shared
+    _, pairs = scaling.fisher_spectrum(setup, trace)
+    shared = q.check_aic(*args, **kw, **free, fisher_trace=trace, fisher_eigenpairs=pairs)
+    for rep in (mf, shared):
+        for name in ("lambda_d", "ortho_norm", "gamma_fisher", "tail_mass", "crossover_time"):
+            np.testing.assert_allclose(
+                getattr(rep, name), getattr(dense, name), rtol=1e-8, err_msg=name
+            )
+        np.testing.assert_allclose(rep.eigenvalues[:10], dense.eigenvalues[:10], rtol=1e-8)
     hut = q.check_aic(*args, **kw, **free, num_iters=60)
     assert abs(hut.tail_mass - dense.tail_mass) <= 3 * hut.tail_mass_stderr
     onset = theory.taylor_onset(

@@ -273,6 +273,7 @@ def _measure_fn(
     chunk_size,
     exact_trace=False,
     trace_batch=None,
+    eig_given=False,
 ):
     """One jitted program per (losses, selection, settings): params, data, F and the key are its
     arguments, so repeated checks (other tasks, other batches of the same shapes) reuse it."""
@@ -291,6 +292,7 @@ def _measure_fn(
         chunk_size,
         exact_trace,
         trace_batch,
+        eig_given,
     )
     if cache_key in _MEASURE_CACHE:
         return _MEASURE_CACHE[cache_key]
@@ -339,10 +341,13 @@ def _measure_fn(
                 hg_f_hg_pos=jnp.sum(w_pos * (v.T @ hg) ** 2),
             )
         else:
-            res = curvature.lanczos_eigh(
-                f_mv, n, rank, 0, num_iters=num_iters, key=key, dtype=theta.dtype
-            )
-            top, basis = res.top.values, res.top.vectors
+            if eig_given:  # F's top pairs, known to the caller (one Lanczos for many checks)
+                pairs = curvature.Eigenpairs(*(x[..., :rank] for x in f_eig))
+            else:
+                pairs = curvature.lanczos_eigh(
+                    f_mv, n, rank, 0, num_iters=num_iters, key=key, dtype=theta.dtype
+                ).top
+            top, basis = pairs.values, pairs.vectors
             if exact_trace:  # given by the caller (e.g. curvature.fisher_trace)
                 est = curvature.TraceEstimate(jnp.asarray(f_trace, theta.dtype), jnp.zeros(()))
             else:
@@ -350,7 +355,7 @@ def _measure_fn(
                     f_mv, n, trace_samples, jax.random.fold_in(key, 1), theta.dtype, trace_batch
                 )
             out.update(trace=est.value, tail=est.value - jnp.sum(top), tail_se=est.stderr)
-            out.update(eigenvalues=top, residuals=res.top.residuals)
+            out.update(eigenvalues=top, residuals=pairs.residuals)
         lam_ft = lambda_max(h_ft, n, num_iters=LAMBDA_MAX_ITERS, key=key, dtype=theta.dtype)
         out["lam_max_ft"], out["lam_max_ft_residual"] = lam_ft.value, lam_ft.residual
         coords_hg = basis.T @ hg
@@ -377,6 +382,29 @@ def _measure_fn(
     return fn
 
 
+def _check_eigenpairs(pairs, method: str, n: int, rank: int) -> None:
+    """Refuse given Fisher eigenpairs that cannot be F's top-``rank`` pairs at these parameters."""
+    if method != "lanczos":
+        raise QuarticError(f"fisher_eigenpairs needs method='lanczos', got {method!r}")
+    if not isinstance(pairs, curvature.Eigenpairs):
+        raise QuarticError(
+            f"fisher_eigenpairs must be a curvature.Eigenpairs, got {type(pairs).__name__}"
+        )
+    values, vectors, residuals = (np.shape(x) for x in pairs)
+    k = values[0] if len(values) == 1 else -1
+    if k < rank or vectors != (n, k) or residuals != (k,):
+        raise QuarticError(
+            f"fisher_eigenpairs must hold k >= rank = {rank} pairs of n = {n} parameters "
+            f"(values [k], vectors [n, k], residuals [k]); got shapes {values}, {vectors}, "
+            f"{residuals}"
+        )
+    w = np.asarray(pairs.values)
+    if not np.all(np.isfinite(w)) or np.any(np.diff(w[:rank]) > 0):
+        raise QuarticError(
+            f"fisher_eigenpairs.values must be finite and descending; got {w[:rank].tolist()}"
+        )
+
+
 def check_aic(
     align_loss_fn: Callable,
     ft_loss_fn: Callable,
@@ -397,6 +425,7 @@ def check_aic(
     fisher_trace: float | None = None,
     trace_batch: int | None = None,
     full_spectrum: bool = False,
+    fisher_eigenpairs: curvature.Eigenpairs | None = None,
 ) -> AICReport:
     """Measure the Alignment Instability Condition (Def 5.1) at ``params`` = θ*.
 
@@ -419,6 +448,11 @@ def check_aic(
         from a Hutchinson trace estimate with its standard error, ``trace_batch`` products at a
         time, or from ``fisher_trace`` when the caller has the exact trace, e.g.
         :func:`quartic.core.curvature.fisher_trace`).
+      fisher_eigenpairs: F's top eigenpairs, already known (``method="lanczos"`` only): a
+        :class:`~quartic.core.curvature.Eigenpairs` of at least ``rank`` pairs, descending, e.g.
+        from one Lanczos of F shared by the checks of several fine-tuning tasks at the same θ*.
+        The check takes the first ``rank`` (and their residuals, reported as given) instead of
+        running its own Lanczos of F.
       thresholds: the caller's thresholds for each condition.
 
     Returns:
@@ -456,6 +490,8 @@ def check_aic(
         raise QuarticError(
             f"fisher_trace must be a finite number and needs method='lanczos', got {fisher_trace!r}"
         )
+    if fisher_eigenpairs is not None:
+        _check_eigenpairs(fisher_eigenpairs, method, n, rank)
     key = jax.random.PRNGKey(0) if key is None else key
     f_callable = fisher if callable(fisher) or isinstance(fisher, GaussNewton) else None
     dense_given = f_given is not None
@@ -480,9 +516,10 @@ def check_aic(
         chunk_size,
         fisher_trace is not None,
         trace_batch,
+        fisher_eigenpairs is not None,
     )
     if method != "dense":
-        f_eig = None
+        f_eig = fisher_eigenpairs
     elif full_spectrum:
         f_eig = curvature.eigh_descending(f_given)
     else:

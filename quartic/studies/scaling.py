@@ -9,7 +9,7 @@ measured without an ``n × n`` matrix:
   Jacobians (:func:`quartic.core.curvature.fisher_trace`: 34 backward passes of the batch, cheaper
   than a Hutchinson estimate), its top eigenpairs by Lanczos with their residuals;
 - per task: :func:`quartic.core.aic.check_aic` (``method="lanczos"``, the KL drift as L_A: its
-  Hessian at θ* is F exactly), the exact Taylor coefficients c₁…c₆ (jets), the simulated KL drift
+  Hessian at θ* is F exactly; F's top pairs from the model's one Lanczos, not one per task), the exact Taylor coefficients c₁…c₆ (jets), the simulated KL drift
   along the gradient flow of the task (RK4) against the second-order forecast.
 
 :func:`fisher_spectrum` is task-independent (one per model); :func:`task_scaling` is one task.
@@ -195,7 +195,8 @@ def fisher_spectrum(
     """F's top ``k`` eigenpairs by Lanczos (``3k`` steps, residuals reported), with the top-``rank``
     share of the trace, the d that holds ``share`` of it (``None`` when more than ``k``), and the
     effective rank ``tr(F)² / tr(F²)`` bracketed exactly: ``Σ_top λ² ≤ tr F² ≤ Σ_top λ² + λ_k·tail``.
-    Returns ``(numbers, top-k eigenvectors [n, k])``."""
+    Returns ``(numbers, top-k pairs)``: the pairs serve every task's check of this θ*
+    (``check_aic(fisher_eigenpairs=...)``), so F's Lanczos runs once per model."""
     gn = fisher_ops(setup)
     data = setup.skill
 
@@ -221,7 +222,7 @@ def fisher_spectrum(
         "share_top_k": float(cum[-1]),
         "effective_rank_bounds": [trace**2 / (sq + w[-1] * tail), trace**2 / sq],
     }
-    return out, res.vectors
+    return out, res
 
 
 #: Above this many parameters the AIC check and the Taylor onset loop over row chunks
@@ -299,15 +300,15 @@ def task_scaling(
     setup: collapse.CollapseSetup,
     task: str,
     trace: float,
-    spectrum_vectors: jax.Array,
+    spectrum: curvature.Eigenpairs,
     d_share: int | None,
     rank: int = 10,
-    num_iters: int = 60,
     taylor_order: int = 6,
     t_lambda: tuple[float, float] = (1e-3, 0.1),
     num_times: int = 6,
 ) -> dict:
-    """Every scaling quantity of one benign task at θ* (the KL drift as the alignment loss)."""
+    """Every scaling quantity of one benign task at θ* (the KL drift as the alignment loss);
+    ``spectrum``: F's top pairs (:func:`fisher_spectrum`, at least ``rank`` and ``d_share``)."""
     batch = setup.task_batch(task)
     ft_data = (batch, jnp.zeros_like(setup.theta), setup.theta)
     kl_fn = setup.align_fns["kl"]
@@ -316,8 +317,8 @@ def task_scaling(
         params=setup.theta,
         rank=rank,
         method="lanczos",
-        num_iters=num_iters,
         fisher_trace=trace,
+        fisher_eigenpairs=spectrum,
         **aic_args(setup, ft_data, rows),
     )
     align_args, ft_args = taylor_args(setup, ft_data, rows)
@@ -344,7 +345,7 @@ def task_scaling(
     g = jax.jit(jax.grad(setup.ft_fn))(setup.theta, ft_data)
     g_norm = float(jnp.linalg.norm(g))
     share_ratio = (
-        float(jnp.linalg.norm(spectrum_vectors[:, :d_share].T @ g)) / g_norm if d_share else None
+        float(jnp.linalg.norm(spectrum.vectors[:, :d_share].T @ g)) / g_norm if d_share else None
     )
     slope = fitting.local_slope(ts, np.abs(du))
     return {
