@@ -214,6 +214,19 @@ def test_monte_carlo_and_empirical_fisher_converge_to_the_true_one():
     assert jnp.linalg.matrix_rank(emp) <= 9
 
 
+
+def test_monte_carlo_fisher_from_a_jacobian_equals_the_scores_form():
+    """mean_i J_iᵀ Ĉ_i J_i (no [N·S, n] scores) equals GᵀG/(N·S) of the scores of the same
+    sampled labels (sample_labels, fisher_factor) to float64 rounding."""
+    logits, theta = _logits_fn_factory()
+    key = jax.random.PRNGKey(11)
+    idx, y = curvature.sample_labels(logits, theta, key, 5)
+    g = curvature.fisher_factor(logits, theta, y, idx)
+    jac = curvature.output_jacobian(logits, theta)
+    got = curvature.monte_carlo_fisher_from_jacobian(jac, logits(theta), key, 5)
+    np.testing.assert_allclose(got, g.T @ g / g.shape[0], rtol=1e-12, atol=1e-15)
+    np.testing.assert_array_equal(got, curvature.monte_carlo_fisher(logits, theta, key, 5))
+
 @pytest.mark.slow
 def test_hvp_matches_jax_hessian_on_a_small_flax_transformer():
     from flax import nnx

@@ -567,13 +567,21 @@ def monte_carlo_fisher(
     Equal to ``Gᵀ G / (N S)`` for the sampled scores, computed as ``mean_i J_iᵀ Ĉ_i J_i`` with
     ``Ĉ_i`` the sample second moment of ``e_y − p_i``: memory ``O(N C n)``, not ``O(N S n)``.
     """
-    z = logits_fn(theta)
-    p = jax.nn.softmax(z, -1)
-    y = jax.random.categorical(key, z, axis=-1, shape=(num_samples, z.shape[0]))
+    jac = output_jacobian(logits_fn, theta)
+    return monte_carlo_fisher_from_jacobian(jac, logits_fn(theta), key, num_samples)
+
+
+def monte_carlo_fisher_from_jacobian(
+    jac: jax.Array, logits: jax.Array, key: jax.Array, num_samples: int = 1
+) -> jax.Array:
+    """:func:`monte_carlo_fisher` from the per-example Jacobian ``J [N, C, n]`` and logits
+    ``[N, C]`` the caller already has (the same labels for the same ``key``: those of
+    :func:`sample_labels`). Never forms the ``[N·S, n]`` scores: memory ``O(N C n)``."""
+    p = jax.nn.softmax(logits, -1)
+    y = jax.random.categorical(key, logits, axis=-1, shape=(num_samples, logits.shape[0]))
     r = jax.nn.one_hot(y, p.shape[-1], dtype=p.dtype) - p[None]  # [S, N, C]
     cov = jnp.einsum("snc,snd->ncd", r, r) / num_samples
-    jac = output_jacobian(logits_fn, theta)
-    return jnp.einsum("ncp,ncd,ndq->pq", jac, cov, jac) / z.shape[0]
+    return jnp.einsum("ncp,ncd,ndq->pq", jac, cov, jac) / logits.shape[0]
 
 
 def empirical_fisher(
