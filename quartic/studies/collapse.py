@@ -105,6 +105,13 @@ class CollapseSetup:
         fn, data = self.align_fns[name], self.align_data[name]
         return lambda th: fn(th, data)
 
+    def grad_of(self, name: str) -> Callable[[jax.Array, Any], jax.Array]:
+        """The gradient of the setup's loss ``name`` (``"lm_fn"`` or ``"ft_fn"``), compiled once
+        per setup (a fresh ``jax.jit(jax.grad(...))`` per call compiles again each time)."""
+        if name not in ("lm_fn", "ft_fn"):
+            raise QuarticError(f"grad_of takes 'lm_fn' or 'ft_fn', got {name!r}")
+        return self.compiled(("grad", name), lambda: jax.jit(jax.grad(getattr(self, name))))
+
     def align_value(self, name: str, theta: jax.Array) -> jax.Array:
         """``L_A(θ)``, compiled once per loss."""
         fn = self.compiled(("value", name), lambda: jax.jit(self.align_fns[name]))
@@ -401,7 +408,7 @@ def orthogonal_variant(
     if taylor_order < 4:
         raise QuarticError(f"taylor_order must be >= 4 to read c₄, got {taylor_order}")
     batch = setup.task_batch(task)
-    g = jax.jit(jax.grad(setup.lm_fn))(setup.theta, batch)
+    g = setup.grad_of("lm_fn")(setup.theta, batch)
     w, v = curvature.eigh_descending(fisher)
     if onto == "range":
         k = int(jnp.sum(w > range_rtol * w[0]))

@@ -342,7 +342,7 @@ def task_scaling(
     du = np.asarray(jax.device_get(traj.observables)["du_kl"])
     fc = np.asarray(rep.forecast.flow(ts))
     err = collapse.forecast_errors(ts, du, fc, np.asarray(rep.forecast.taylor()), 0.0)
-    g = jax.jit(jax.grad(setup.ft_fn))(setup.theta, ft_data)
+    g = setup.grad_of("ft_fn")(setup.theta, ft_data)
     g_norm = float(jnp.linalg.norm(g))
     share_ratio = (
         float(jnp.linalg.norm(spectrum.vectors[:, :d_share].T @ g)) / g_norm if d_share else None
