@@ -1,6 +1,8 @@
 """The shared measurements: crossing times (each interpolation, never = inf), statistics, spectra."""
 
 import math
+import platform
+import sys
 
 import jax.numpy as jnp
 import numpy as np
@@ -106,3 +108,27 @@ def test_clear_all_empties_every_registered_cache_and_memo():
 def test_bootstrap_spearman_is_nan_when_no_resample_ranks():
     lo, hi = measure.bootstrap_spearman([1.0, 2.0, 3.0], [5.0, 5.0, 5.0], num=20)
     assert np.isnan(lo) and np.isnan(hi)
+
+
+@pytest.mark.skipif(
+    not (sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc"),
+    reason="malloc_trim is glibc's",
+)
+def test_trim_heap_returns_freed_heap_to_the_system():
+    """200 MB of small (heap, not mmap) blocks freed but for the last: glibc keeps the pages
+    until malloc_trim hands them back; trim_heap must give back at least half of them."""
+    from quartic.core.cache import trim_heap
+
+    def rss_mb():
+        with open("/proc/self/status") as f:
+            line = next(x for x in f if x.startswith("VmRSS"))
+        return int(line.split()[1]) / 1024
+
+    trim_heap()
+    blocks = [bytearray(2000) for _ in range(100_000)]  # ~200 MB in 2 kB blocks (< mmap threshold)
+    last = blocks[-1]  # pins the heap's top, so free() alone cannot shrink it
+    del blocks
+    before = rss_mb()
+    assert trim_heap() is True
+    assert before - rss_mb() > 100, (before, rss_mb())
+    del last
