@@ -95,8 +95,8 @@ def clear_all() -> None:
 def trim_heap() -> bool:
     """Return freed heap pages to the operating system: glibc's ``malloc_trim(0)``; ``False``
     (nothing done) where there is no glibc. Compiling leaves much freed memory that glibc keeps:
-    after the transformer collapse study's quick run the process held 3.8 GB, 0.65 GB after this,
-    so the next experiment started from the latter."""
+    after the transformer collapse study's quick units and ``clear_all`` the process held 3,001 MiB,
+    539 MiB after the trim (``benchmarks/memory.py``; benchmarks/results/memory-cpu-2core.json)."""
     name = ctypes.util.find_library("c")
     try:
         trim = ctypes.CDLL(name).malloc_trim if name else None

@@ -155,7 +155,7 @@ def aligned_setup(
 def _aligned_setup(preset: str, category: int, world_seed: int, model_seed: int):
     # One setup per θ* and category, so every unit of a study reuses its compiled helpers and the
     # compiled checks keyed by its loss functions (a new setup per call recompiled them all, and
-    # the transformer collapse study's quick run grew by ~250 MB of programs per unit).
+    # the transformer collapse study's quick units each kept 300–380 MiB more: benchmarks/memory.py).
     world, aligned = _aligned_model(preset, world_seed, model_seed)
     return aligned, CollapseSetup(aligned.apply_fn, aligned.theta_star, world, category)
 
@@ -232,7 +232,7 @@ def skill_curvature(
     del gn
     for name in setup.align_fns:
         out[f"hessian_{name}_vs_fisher"] = probe_rel(curvature.hvp_fn(setup.align(name), th))
-    # mean_i J_iᵀ Ĉ_i J_i, not the [N·S, n] scores (whose gather of J held 1.8 GB at 2k)
+    # mean_i J_iᵀ Ĉ_i J_i, not the [N·S, n] scores (the gather J[idx]: 3072 × 34 × 2184 float64s at 2k)
     mc = jax.jit(curvature.monte_carlo_fisher_from_jacobian, static_argnums=3)(
         jac, z, key, mc_samples
     )

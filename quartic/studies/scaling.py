@@ -9,8 +9,9 @@ measured without an ``n × n`` matrix:
   Jacobians (:func:`quartic.core.curvature.fisher_trace`: 34 backward passes of the batch, cheaper
   than a Hutchinson estimate), its top eigenpairs by Lanczos with their residuals;
 - per task: :func:`quartic.core.aic.check_aic` (``method="lanczos"``, the KL drift as L_A: its
-  Hessian at θ* is F exactly; F's top pairs from the model's one Lanczos, not one per task), the exact Taylor coefficients c₁…c₆ (jets), the simulated KL drift
-  along the gradient flow of the task (RK4) against the second-order forecast.
+  Hessian at θ* is F exactly; F's top pairs from the model's one Lanczos, not one per task), the
+  exact Taylor coefficients c₁…c₆ (jets), the simulated KL drift along the gradient flow of the
+  task (RK4) against the second-order forecast.
 
 :func:`fisher_spectrum` is task-independent (one per model); :func:`task_scaling` is one task.
 :func:`power_law` fits ``y = a nᵇ`` with a bootstrap and extrapolates with a prediction interval.
@@ -183,8 +184,11 @@ def exact_trace(setup: collapse.CollapseSetup, batch_size: int = 8) -> float:
 
     tokens = jnp.asarray(setup.skill["tokens"])
     pos = tw.first_answer_position(setup.skill["mask"])
-    fn = jax.jit(
-        lambda th, tok, p: curvature.fisher_trace(single, th, tok, p, batch_size=batch_size)
+    fn = setup.compiled(
+        ("scaling_trace", batch_size),
+        lambda: jax.jit(
+            lambda th, tok, p: curvature.fisher_trace(single, th, tok, p, batch_size=batch_size)
+        ),
     )
     return float(fn(setup.theta, tokens, pos))
 
@@ -200,12 +204,11 @@ def fisher_spectrum(
     gn = fisher_ops(setup)
     data = setup.skill
 
-    @jax.jit
     def run(theta, batch):
         mv = gn.matvec(theta, lambda th, _: th, None, batch)
         return curvature.lanczos_eigh(mv, theta.shape[0], k, 0, num_iters=3 * k, dtype=theta.dtype)
 
-    res = run(setup.theta, data).top
+    res = setup.compiled(("scaling_spectrum", k), lambda: jax.jit(run))(setup.theta, data).top
     w = np.asarray(res.values)
     cum = np.cumsum(np.clip(w, 0, None)) / trace
     hit = np.nonzero(cum >= share)[0]

@@ -24,6 +24,11 @@ EXTRAPOLATED = ("t_cross_lambda", "ortho_ratio")
 LONG_KEYS = ("harmfulness", "retention", "du_kl", "fisher_overlap")
 
 
+def _min_median_max(values) -> list[float] | None:
+    v = np.asarray(values, float)
+    return [float(v.min()), float(np.median(v)), float(v.max())] if v.size else None
+
+
 def _rows(results: dict) -> list[dict]:
     rows = []
     for unit in results.values():
@@ -52,17 +57,12 @@ def summarize(results: dict, extrapolate_to=(1.7e9, 3e9), bootstrap: int = 2000)
         }
         for k in (*FITTED, "random_ortho_ratio", "random_ortho_ratio_d_share",
                   "forecast_max_rel_error", "flow_onset_slope", "c4_over_gamma_f"):  # fmt: skip
-            vals = np.asarray(pick(k), float)
-            entry[k] = (
-                [float(vals.min()), float(np.median(vals)), float(vals.max())]
-                if vals.size
-                else None
-            )
+            entry[k] = _min_median_max(pick(k))
         entry["onset_orders"] = sorted({x["onset_order"] for x in r if x["onset_order"]})
         longs = [t for u in group for t in u.get("long", {}).values()]  # long fine-tuning
         if longs:
             finals = {k: [t[k][-1] for t in longs] for k in LONG_KEYS}
-            entry["long"] = {k: [min(v), float(np.median(v)), max(v)] for k, v in finals.items()}
+            entry["long"] = {k: _min_median_max(v) for k, v in finals.items()}
             entry["overlap_harm"] = collapse.overlap_harm(longs) if len(longs) >= 3 else None
     long_records = [
         {"size_index": i, "task": t, "seed": u["seed"], **{k: r[k][-1] for k in LONG_KEYS}}

@@ -34,6 +34,10 @@ def _features(params: dict) -> np.ndarray:
     return np.asarray(params["token_embed"], np.float64)
 
 
+def _unit_rows(x: np.ndarray) -> np.ndarray:
+    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-300)
+
+
 def embedding_probe(params: dict, lang: syn.Language, seed: int = 0) -> dict:
     """Synonym-neighbour rate and held-out-synonym concept-probe accuracy of one model."""
     emb = _features(params)
@@ -43,8 +47,7 @@ def embedding_probe(params: dict, lang: syn.Language, seed: int = 0) -> dict:
         )
     content = np.flatnonzero(lang.is_content)
     concept = lang.concept_of[content]
-    x = emb[content] - emb[content].mean(0)
-    x /= np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-300)
+    x = _unit_rows(emb[content] - emb[content].mean(0))
 
     sim = x @ x.T
     np.fill_diagonal(sim, -np.inf)
@@ -59,8 +62,9 @@ def embedding_probe(params: dict, lang: syn.Language, seed: int = 0) -> dict:
         members = np.flatnonzero(concept == c)
         if members.size >= 2:
             held[rng.choice(members)] = True
-    means = np.stack([x[~held & (concept == c)].mean(0) for c in range(lang.n_concepts)])
-    means /= np.maximum(np.linalg.norm(means, axis=1, keepdims=True), 1e-300)
+    means = _unit_rows(
+        np.stack([x[~held & (concept == c)].mean(0) for c in range(lang.n_concepts)])
+    )
     pred = np.argmax(x[held] @ means.T, axis=1)
     return {
         "synonym_nn_rate": nn_rate,
