@@ -1,5 +1,6 @@
 """Small measurements shared by every study: when a curve crosses a level, rank correlations, mean ±
-std over seeds, the effective rank of a spectrum, and the Fisher-weighted norm ``‖Λ^½ Bᵀ v‖``.
+std over seeds, percentile bootstrap intervals, the effective rank of a spectrum, and the
+Fisher-weighted norm ``‖Λ^½ Bᵀ v‖``.
 
 "Never crossed" is ``math.inf`` everywhere here; a caller whose summary format says it another way
 (``None`` in JSON, NaN in a table) converts at its edge.
@@ -135,23 +136,44 @@ def spearman(x, y) -> float:
     return float(np.corrcoef(rx, ry)[0, 1])
 
 
+def bootstrap_interval(
+    statistic: Callable[..., float | None],
+    sizes: int | Iterable[int],
+    num: int = 2000,
+    seed: int = 0,
+    level: float = 0.95,
+) -> list[float] | None:
+    """Percentile bootstrap interval ``[lo, hi]`` of a statistic of resampled data.
+
+    Each of ``num`` resamples draws, for each group of ``sizes`` (an int: one group) in order, as
+    many indices as the group holds, uniformly with replacement (``rng.integers(0, n, n)``), and
+    calls ``statistic(*indices)`` with one index array per group: resampling within groups
+    independently (seeds within each model size, say) is the same call with several sizes.
+    Resamples whose statistic is ``None`` or not finite are dropped. ``lo`` and ``hi`` are the
+    ``(1 - level) / 2`` and ``(1 + level) / 2`` quantiles (numpy's linear rule) of the rest;
+    ``None`` when no resample is left. Deterministic: ``np.random.default_rng(seed)``.
+    """
+    rng = np.random.default_rng(seed)
+    sizes = [sizes] if isinstance(sizes, int) else list(sizes)
+    vals = []
+    for _ in range(num):
+        v = statistic(*[rng.integers(0, n, n) for n in sizes])
+        if v is not None and np.isfinite(v):
+            vals.append(v)
+    if not vals:
+        return None
+    return np.quantile(vals, [(1 - level) / 2, (1 + level) / 2]).tolist()
+
+
 def bootstrap_spearman(
     x, y, num: int = 2000, seed: int = 0, level: float = 0.95
 ) -> tuple[float, float]:
-    """Percentile bootstrap interval of Spearman's ρ (pairs resampled with replacement); NaNs when
-    no resample has a defined ρ (a constant side, or fewer than two pairs)."""
-    rng = np.random.default_rng(seed)
+    """Percentile bootstrap interval of Spearman's ρ (pairs resampled with replacement,
+    :func:`bootstrap_interval`); NaNs when no resample has a defined ρ (a constant side, or fewer
+    than two pairs)."""
     x, y = np.asarray(x), np.asarray(y)
-    vals = []
-    for _ in range(num):
-        i = rng.integers(0, len(x), len(x))
-        r = spearman(x[i], y[i])
-        if np.isfinite(r):
-            vals.append(r)
-    if not vals:
-        return float("nan"), float("nan")
-    lo, hi = np.quantile(vals, [(1 - level) / 2, (1 + level) / 2])
-    return float(lo), float(hi)
+    ci = bootstrap_interval(lambda i: spearman(x[i], y[i]), len(x), num, seed, level)
+    return (float("nan"), float("nan")) if ci is None else (ci[0], ci[1])
 
 
 def mean_std(values: Iterable, ddof: int = 1, extremes: bool = False) -> dict:
@@ -200,6 +222,7 @@ def fisher_norm(eigenvalues, basis, v) -> jax.Array:
 
 
 __all__ = [
+    "bootstrap_interval",
     "bootstrap_spearman",
     "crossing_time",
     "effective_rank",
