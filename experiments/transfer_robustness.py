@@ -73,10 +73,17 @@ def run(config: Config, out_dir: pathlib.Path) -> dict:
 # Table and figures
 
 
+def _ci(interval: list | None, digits: int = 1) -> str:
+    """`` [lo, hi]`` of a bootstrap interval, or nothing where there is none (an old summary, or
+    fewer than two seeds)."""
+    return "" if not interval else f" [{interval[0]:+.{digits}f}, {interval[1]:+.{digits}f}]"
+
+
 def _pm(stats: dict | None, digits: int = 1) -> str:
     if not stats or stats.get("mean") is None:
         return "n/a"
-    return f"{stats['mean']:+.{digits}f} ± {stats['std']:.{digits}f}"
+    pm = f"{stats['mean']:+.{digits}f} ± {stats['std']:.{digits}f}"
+    return pm + _ci(stats.get("interval"), digits)
 
 
 def table(summary: dict) -> list[dict]:
@@ -99,23 +106,44 @@ def table(summary: dict) -> list[dict]:
         )
     for key, c in summary["claims"].items():
         setting, arch = key.split("|")
+        measured = f"{c['n_sizes_asr_up']} of {len(c['sizes'])}"
+        if c.get("delta_asr_interval") is not None:
+            above = sum(1 for ci in c["delta_asr_interval"] if ci and ci[0] > 0)
+            measured += f" ({above} with the 95 % bootstrap interval above 0)"
         rows.append(
             dict(
                 quantity=f"[{setting}] {arch}: transfer raises ASR@{c['budget']} (sizes with ΔASR > 0)",
                 theory="ΔASR > 0",
-                measured=f"{c['n_sizes_asr_up']} of {len(c['sizes'])}",
+                measured=measured,
                 verdict="holds" if c["transfer_raises_asr"] else "does not hold",
             )
         )
-        slope = c["slope_per_decade"]
+        slope, ci = c["slope_per_decade"], c.get("slope_interval")
+        verdict = "holds" if c["rise_shrinks_with_size"] else "does not hold"
+        if ci:
+            verdict += (
+                " (interval excludes 0)" if ci[0] > 0 or ci[1] < 0 else " (interval includes 0)"
+            )
         rows.append(
             dict(
                 quantity=f"[{setting}] {arch}: the ASR rise shrinks with size (slope of ΔASR per decade of params)",
                 theory="< 0",
-                measured="n/a" if slope is None else f"{slope:+.1f}",
-                verdict="holds" if c["rise_shrinks_with_size"] else "does not hold",
+                measured="n/a" if slope is None else f"{slope:+.1f}{_ci(ci)}",
+                verdict=verdict,
             )
         )
+        m = c.get("asr_vs_margin")
+        if m:
+            rho = "n/a" if m["rho"] is None else f"{m['rho']:+.2f}{_ci(m['interval'], 2)}"
+            rows.append(
+                dict(
+                    quantity=f"[{setting}] {arch}: Spearman ρ(clean confidence margin, "
+                    f"ASR@{c['budget']}) over {m['n']} attacked models (unit, arm, seed), full FT",
+                    theory="",
+                    measured=rho,
+                    verdict="",
+                )
+            )
     for key, r in sorted(summary.get("bow_baseline", {}).items()):
         setting, task = key.split("|")
         rows.append(

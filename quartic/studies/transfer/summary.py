@@ -1,33 +1,89 @@
 """The transfer study's summary: ΔOAcc and ΔASR (transfer − direct, in points) per (setting, arch,
-size, ft) cell and pair, mean ± std over seeds; the size trend of ΔASR per setting and arch; the
-bridge's AIC quantities against ΔASR (Spearman ρ over pairs and over pair-seeds); and the pieces
-of the run (pretraining curves, the source models' own accuracy, the bag-of-words baseline).
+size, ft) cell and pair, mean ± std over seeds (per cell also a 95 % bootstrap interval of the mean
+over seeds); the size trend of ΔASR per setting and arch (least-squares slope per decade of
+params with a 95 % bootstrap interval, seeds resampled within each size); the ASR against the
+clean confidence margin (Spearman ρ over every attacked model); the bridge's AIC quantities
+against ΔASR (Spearman ρ over pairs and over pair-seeds); and the pieces of the run (pretraining
+curves, the source models' own accuracy, the bag-of-words baseline).
 
-``config`` is a :class:`quartic.studies.transfer.pipeline.StudyConfig`.
+Every bootstrap interval is a percentile interval (:func:`quartic.core.measure.bootstrap_interval`)
+of :data:`N_BOOTSTRAP` resamples at level :data:`LEVEL`, from ``np.random.default_rng(0)``: the
+summary is deterministic. ``config`` is a :class:`quartic.studies.transfer.pipeline.StudyConfig`
+(which has no field for the number of resamples).
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-from quartic.core.measure import mean_std, spearman
+from quartic.core.measure import (
+    bootstrap_interval,
+    bootstrap_spearman,
+    json_number,
+    mean_std,
+    spearman,
+)
 from quartic.harness.runs import SweepResult
 
-__all__ = ["BRIDGE_QUANTITIES", "summarise", "summarise_bridge", "summarise_run"]
+__all__ = [
+    "BRIDGE_QUANTITIES",
+    "LEVEL",
+    "N_BOOTSTRAP",
+    "summarise",
+    "summarise_bridge",
+    "summarise_run",
+]
+
+#: Resamples of each bootstrap interval in the summary, and the intervals' level.
+N_BOOTSTRAP = 2000
+LEVEL = 0.95
 
 
 def _delta(a, b):
     return None if a is None or b is None else 100.0 * (a - b)
 
 
+def _present(values) -> np.ndarray:
+    """The values that are not ``None`` (seeds without a value dropped), as floats."""
+    return np.asarray([v for v in values if v is not None], float)
+
+
+def _mean_interval(values) -> list[float] | None:
+    """Bootstrap interval of the mean over seeds (seeds resampled with replacement, those
+    without a value dropped); ``None`` with fewer than two seeds."""
+    v = _present(values)
+    if v.size < 2:
+        return None
+    return bootstrap_interval(lambda i: v[i].mean(), v.size, N_BOOTSTRAP, level=LEVEL)
+
+
+def _slope(x, y) -> float:
+    """Least-squares slope of ``y`` against ``x``."""
+    return float(np.polyfit(x, y, 1)[0])
+
+
+def _slope_interval(x, seeds: list[np.ndarray]) -> list[float] | None:
+    """Bootstrap interval of the slope of the per-size means ``seeds[k].mean()`` against ``x[k]``:
+    the seeds resampled independently within each size, each size's mean recomputed from them."""
+
+    def slope(*idx):
+        return _slope(x, [v[i].mean() for v, i in zip(seeds, idx, strict=True)])
+
+    return bootstrap_interval(slope, [v.size for v in seeds], N_BOOTSTRAP, level=LEVEL)
+
+
 def summarise(config, res: dict) -> dict:
-    """ΔOAcc and ΔASR (transfer − direct, points) per (setting, arch, size, ft) and pair."""
+    """ΔOAcc and ΔASR (transfer − direct, points) per (setting, arch, size, ft) and pair; per
+    cell, ``delta_oacc`` and each ``delta_asr_{budget}`` also hold ``interval``, the bootstrap
+    interval of their mean over seeds (``None`` with fewer than two seeds)."""
     direct = {
         (r["arch"], r["size"], r["ft"], r["target"]): r
         for r in res.values()
         if r.get("kind") == "target" and r["arm"] == "direct"
     }
     cells: dict = {}
+    # (setting, arch) -> {unit: its per-seed records}, the full fine-tuning units of the cells
+    attacked: dict = {}
     for r in res.values():
         if r.get("kind") != "target" or r["arm"] != "transfer":
             continue
@@ -57,6 +113,10 @@ def summarise(config, res: dict) -> dict:
                 pair[f"asr_transfer_{b}"].append(at["attack_success_rate"])
                 pair[f"asr_direct_{b}"].append(ad["attack_success_rate"])
         cell["pairs"][f"{r['source']}>{r['target']}"] = pair
+        if r["ft"] == "full":
+            units = attacked.setdefault((r["setting"], r["arch"]), {})
+            units[("transfer", r["size"], r["source"], r["target"])] = r["per_seed"]
+            units[("direct", r["size"], r["target"])] = d["per_seed"]
     for cell in cells.values():
         # Per seed, the mean over pairs; then mean ± std over seeds.
         keys = next(iter(cell["pairs"].values())).keys()
@@ -65,17 +125,44 @@ def summarise(config, res: dict) -> dict:
             for i in range(config.n_seeds):
                 vals = [p[k][i] for p in cell["pairs"].values() if p[k][i] is not None]
                 per_seed.append(float(np.mean(vals)) if vals else None)
-            cell[k] = {**mean_std(per_seed), "per_seed": per_seed}
+            cell[k] = mean_std(per_seed)
+            if k == "delta_oacc" or k.startswith("delta_asr_"):
+                cell[k]["interval"] = _mean_interval(per_seed)
+            cell[k]["per_seed"] = per_seed
         for p in cell["pairs"].values():
             for k in list(p):
                 p[k] = {**mean_std(p[k]), "per_seed": p[k]}
-    claims = _claims(config, cells)
+    claims = _claims(config, cells, attacked)
     return {"cells": cells, "claims": claims}
 
 
-def _claims(config, cells: dict) -> dict:
-    """Per setting and arch (full fine-tuning): the sign of ΔASR at each size, and the trend of
-    ΔASR against log10(params) (least-squares slope and Spearman ρ over sizes)."""
+def _asr_vs_margin(units: dict, b: str) -> dict:
+    """Spearman ρ between the clean confidence margin and ASR@``b`` over every (unit, arm, seed)
+    record of ``units`` with both, its bootstrap interval (records resampled), and the number of
+    records ``n``; ρ and interval ``None`` with fewer than three records or no defined ρ."""
+    pts = [
+        (a.get("margin_clean"), a.get("attack_success_rate"))
+        for per_seed in units.values()
+        for a in (st["attacks"][b] for st in per_seed)
+    ]
+    pts = np.asarray([p for p in pts if None not in p], float).reshape(-1, 2)
+    margin, asr, n = pts[:, 0], pts[:, 1], len(pts)
+    if n < 3:
+        return {"rho": None, "interval": None, "n": n}
+    lo, hi = bootstrap_spearman(margin, asr, N_BOOTSTRAP, level=LEVEL)
+    return {
+        "rho": json_number(spearman(margin, asr)),
+        "interval": [lo, hi] if np.isfinite(lo) else None,
+        "n": n,
+    }
+
+
+def _claims(config, cells: dict, attacked: dict) -> dict:
+    """Per setting and arch (full fine-tuning): the sign of ΔASR at each size with the bootstrap
+    intervals of ΔASR and ΔOAcc, the trend of ΔASR against log10(params) (least-squares slope
+    with its bootstrap interval, seeds resampled within each size and each size's mean
+    recomputed; Spearman ρ over sizes), and ASR against the clean margin (:func:`_asr_vs_margin`
+    over the units of ``attacked``)."""
     out = {}
     b = config.budget_names()[0]
     for setting in config.settings:
@@ -91,19 +178,25 @@ def _claims(config, cells: dict) -> dict:
             x = np.log10([c["n_params"] for c in rows])
             y = np.array([c[f"delta_asr_{b}"]["mean"] for c in rows])
             acc = np.array([c["delta_oacc"]["mean"] for c in rows])
-            slope = float(np.polyfit(x, y, 1)[0]) if len(rows) > 1 else None
+            slope = _slope(x, y) if len(rows) > 1 else None
+            seeds = [_present(c[f"delta_asr_{b}"]["per_seed"]) for c in rows]
+            slope_interval = _slope_interval(x, seeds) if len(rows) > 1 else None
             out[f"{setting}|{arch}"] = {
                 "budget": b,
                 "sizes": [c["size"] for c in rows],
                 "delta_asr": y.tolist(),
                 "delta_asr_std": [c[f"delta_asr_{b}"]["std"] for c in rows],
+                "delta_asr_interval": [c[f"delta_asr_{b}"]["interval"] for c in rows],
                 "delta_oacc": acc.tolist(),
+                "delta_oacc_interval": [c["delta_oacc"]["interval"] for c in rows],
                 "n_sizes_asr_up": int((y > 0).sum()),
                 "n_sizes_oacc_up": int((acc > 0).sum()),
                 "slope_per_decade": slope,
+                "slope_interval": slope_interval,
                 "spearman_size": spearman(x, y) if len(rows) > 2 else None,
                 "transfer_raises_asr": bool((y > 0).all()),
                 "rise_shrinks_with_size": bool(slope is not None and slope < 0 and y[0] > 0),
+                "asr_vs_margin": _asr_vs_margin(attacked.get((setting, arch), {}), b),
             }
     return out
 
