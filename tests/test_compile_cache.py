@@ -87,3 +87,28 @@ def test_the_clock_sees_compilation_and_not_a_cached_call():
         f(x).block_until_ready()
     assert first.compile > 0 and 0 < first.share <= 1
     assert again.compile == 0.0  # in-memory hit: nothing traced or compiled
+
+
+def test_fast_compile_flags_reach_a_fresh_process_and_respect_the_callers_choice():
+    """The flags are added to XLA_FLAGS before the backend starts, not twice, and never over a
+    value the caller set; once the backend has started nothing is added (it would not apply)."""
+    code = (
+        "import os; from quartic.harness import compile_cache as c; "
+        "a = c.fast_compile_flags(); b = c.fast_compile_flags(); import jax; jax.numpy.zeros(1); "
+        "print(repr((a, b, c.fast_compile_flags(), os.environ.get('XLA_FLAGS', ''))))"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    first, second, late, flags = eval(out.stdout.strip().splitlines()[-1])
+    import jaxlib
+
+    lo, hi = compile_cache.FAST_COMPILE_JAXLIB
+    known = lo <= tuple(int(p) for p in jaxlib.__version__.split(".")[:2]) < hi
+    expected = compile_cache.FAST_COMPILE_FLAGS if known else ()
+    assert first == expected and second == () and late == ()
+    assert flags == " ".join(expected)
+    env["XLA_FLAGS"] = "--xla_cpu_use_fusion_emitters=true"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert eval(out.stdout.strip().splitlines()[-1]) == ((), (), (), env["XLA_FLAGS"])

@@ -214,7 +214,6 @@ def test_monte_carlo_and_empirical_fisher_converge_to_the_true_one():
     assert jnp.linalg.matrix_rank(emp) <= 9
 
 
-
 def test_monte_carlo_fisher_from_a_jacobian_equals_the_scores_form():
     """mean_i J_iᵀ Ĉ_i J_i (no [N·S, n] scores) equals GᵀG/(N·S) of the scores of the same
     sampled labels (sample_labels, fisher_factor) to float64 rounding."""
@@ -226,6 +225,7 @@ def test_monte_carlo_fisher_from_a_jacobian_equals_the_scores_form():
     got = curvature.monte_carlo_fisher_from_jacobian(jac, logits(theta), key, 5)
     np.testing.assert_allclose(got, g.T @ g / g.shape[0], rtol=1e-12, atol=1e-15)
     np.testing.assert_array_equal(got, curvature.monte_carlo_fisher(logits, theta, key, 5))
+
 
 @pytest.mark.slow
 def test_hvp_matches_jax_hessian_on_a_small_flax_transformer():
@@ -245,8 +245,9 @@ def test_hvp_matches_jax_hessian_on_a_small_flax_transformer():
         return -jnp.mean(jnp.take_along_axis(logp, targets[..., None], -1))
 
     f, theta, _ = pytree.flat_fn(loss, params)
-    dense = curvature.dense_hessian(f, theta, chunk_size=64)
-    oracle = jax.hessian(f)(theta)
+    # both compiled: run op by op, the two took 30 s of the suite's time
+    dense = jax.jit(lambda th: curvature.dense_hessian(f, th, chunk_size=64))(theta)
+    oracle = jax.jit(jax.hessian(f))(theta)
     assert theta.size > 100
     rel = jnp.linalg.norm(dense - oracle) / jnp.linalg.norm(oracle)
     assert rel < 1e-12
