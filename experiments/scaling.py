@@ -112,7 +112,10 @@ def _measure_model(config: Config, size: str, seed: int) -> dict:
         seconds[task] = time.perf_counter() - t0
     long = {}
     if config.long_steps:
-        basis, eig_top = pairs.vectors[:, : config.rank], jnp.asarray(spectrum["eigenvalues"][: config.rank])
+        basis, eig_top = (
+            pairs.vectors[:, : config.rank],
+            jnp.asarray(spectrum["eigenvalues"][: config.rank]),
+        )
         t0 = time.perf_counter()
         for task in config.tasks:
             long[task] = collapse.long_finetune(

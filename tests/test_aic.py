@@ -103,7 +103,6 @@ def test_lanczos_check_at_n_200_with_40_iterations():
     assert not any("λ_max(H_FT)" in w for w in lanc.warnings)
 
 
-
 def test_given_fisher_eigenpairs_replace_the_checks_lanczos():
     """F's top pairs handed in (here 6 exact ones from eigh, of which the check takes rank = 4)
     give the dense check's numbers to 1e-10, and their residuals are reported as given."""
@@ -136,7 +135,11 @@ def test_bad_fisher_eigenpairs_are_refused(method, cut, flip, match):
     pairs = q.curvature.Eigenpairs(w, v, jnp.zeros(cut))
     with pytest.raises(QuarticError, match=match):
         q.check_aic(
-            prob.align_loss_fn, prob.ft_loss_fn, prob.theta_star, 4, method=method,
+            prob.align_loss_fn,
+            prob.ft_loss_fn,
+            prob.theta_star,
+            4,
+            method=method,
             fisher_eigenpairs=pairs,
         )
 
