@@ -212,6 +212,27 @@ def test_rerun_with_another_config_is_refused(tmp_path, capsys):
     assert sorted(p.name for p in (out / "units").iterdir()) == ["unit_000.json", "unit_001.json"]
 
 
+def test_overrides_never_overwrite_a_summary_without_its_config(tmp_path, monkeypatch, capsys):
+    """The repository's committed quick summaries have no config.json beside them: a run with
+    --set overrides into that default folder is refused (nothing written); the plain quick run and
+    an explicit --out are not."""
+    monkeypatch.chdir(tmp_path)
+    default = tmp_path / "results" / "quick" / "example_sweep"
+    default.mkdir(parents=True)
+    (default / "summary.json").write_text('{"committed": true}')
+    code = cli.main(["run", "example_sweep", "--quick", "--set", "n_units=2"])
+    assert code == 2
+    assert "--out DIR" in _one_line_error(capsys.readouterr().err)
+    assert sorted(p.name for p in default.iterdir()) == ["summary.json"]
+    assert (default / "summary.json").read_text() == '{"committed": true}'
+    out = tmp_path / "elsewhere"
+    assert (
+        cli.main(["run", "example_sweep", "--quick", "--set", "n_units=2", "--out", str(out)]) == 0
+    )
+    assert cli.main(["run", "example_sweep", "--quick"]) == 0  # regenerates, as reproduce does
+    assert (default / "config.json").exists()
+
+
 def test_missing_experiments_folder(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv(cli.EXPERIMENTS_ENV, str(tmp_path / "nowhere"))
     assert cli.main(["list"]) == 2

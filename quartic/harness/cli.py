@@ -239,6 +239,15 @@ def run_experiment(
     config = module.Config.quick() if quick else module.Config()
     config = apply_overrides(config, overrides)
     out = pathlib.Path(out_dir) if out_dir is not None else _default_out(name, quick)
+    run_dir = RunDir(out)
+    if overrides and out_dir is None and run_dir.summary_path.exists():
+        if not run_dir.config_path.exists():
+            # a summary with no config.json beside it (the repository's committed quick results):
+            # the config check below cannot compare, and a changed config would overwrite it
+            raise QuarticError(
+                f"{out} holds a summary of a run whose config is not recorded (the repository's "
+                f"committed results); a run with --set overrides would overwrite it: pass --out DIR"
+            )
     if _ctx is not None:
         _ctx.out_dir = out
     RunDir(out).write_config(config)
