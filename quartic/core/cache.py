@@ -97,15 +97,21 @@ def trim_heap() -> bool:
     (nothing done) where there is no glibc. Compiling leaves much freed memory that glibc keeps:
     after the transformer collapse study's quick units and ``clear_all`` the process held 3,001 MiB,
     539 MiB after the trim (``benchmarks/memory.py``; benchmarks/results/memory-cpu-2core.json)."""
-    name = ctypes.util.find_library("c")
-    try:
-        trim = ctypes.CDLL(name).malloc_trim if name else None
-    except (OSError, AttributeError):
-        trim = None
+    trim = _malloc_trim()
     if trim is None:
         return False
     trim(0)
     return True
+
+
+@functools.cache
+def _malloc_trim():
+    # looked up once: find_library may run ldconfig, and clear_all calls trim_heap every time
+    name = ctypes.util.find_library("c")
+    try:
+        return ctypes.CDLL(name).malloc_trim if name else None
+    except (OSError, AttributeError):
+        return None
 
 
 __all__ = ["BoundedCache", "clear_all", "memo", "trim_heap"]

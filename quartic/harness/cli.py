@@ -240,17 +240,21 @@ def run_experiment(
     config = apply_overrides(config, overrides)
     out = pathlib.Path(out_dir) if out_dir is not None else _default_out(name, quick)
     run_dir = RunDir(out)
-    if overrides and out_dir is None and run_dir.summary_path.exists():
-        if not run_dir.config_path.exists():
-            # a summary with no config.json beside it (the repository's committed quick results):
-            # the config check below cannot compare, and a changed config would overwrite it
-            raise QuarticError(
-                f"{out} holds a summary of a run whose config is not recorded (the repository's "
-                f"committed results); a run with --set overrides would overwrite it: pass --out DIR"
-            )
+    # a summary with no config.json beside it (the repository's committed quick results): the
+    # config check of write_config cannot compare, and a changed config would overwrite it
+    if (
+        overrides
+        and out_dir is None
+        and run_dir.summary_path.exists()
+        and not run_dir.config_path.exists()
+    ):
+        raise QuarticError(
+            f"{out} holds a summary of a run whose config is not recorded (the repository's "
+            f"committed results); a run with --set overrides would overwrite it: pass --out DIR"
+        )
     if _ctx is not None:
         _ctx.out_dir = out
-    RunDir(out).write_config(config)
+    run_dir.write_config(config)
     try:
         summary = module.run(config, out)
     except DivergenceError as e:

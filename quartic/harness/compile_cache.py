@@ -48,6 +48,12 @@ FAST_COMPILE_FLAGS = ("--xla_cpu_use_fusion_emitters=false",)
 FAST_COMPILE_JAXLIB = ((0, 5), (0, 12))
 
 
+def fast_compile_known() -> bool:
+    """Whether the installed jaxlib is one of :data:`FAST_COMPILE_JAXLIB`'s versions."""
+    lo, hi = FAST_COMPILE_JAXLIB
+    return lo <= tuple(int(p) for p in jaxlib.__version__.split(".")[:2]) < hi
+
+
 def fast_compile_flags() -> tuple[str, ...]:
     """Add :data:`FAST_COMPILE_FLAGS` to ``XLA_FLAGS`` and return the flags added.
 
@@ -55,15 +61,15 @@ def fast_compile_flags() -> tuple[str, ...]:
     Nothing is added when the backend has started, when ``XLA_FLAGS`` already names the flag (the
     caller's choice stands: ``XLA_FLAGS=--xla_cpu_use_fusion_emitters=true`` keeps XLA's default),
     or outside the jaxlib versions of :data:`FAST_COMPILE_JAXLIB`. Measured on 2 CPU cores: the
-    float64 AIC checks of a 2k-parameter transformer, almost all compiling, 79–86 s → 65–71 s and
-    2.4 → 1.7 GB peak; the scaling study's 100k unit, mostly computing, 330 → 388 s.
+    float64 AIC checks of a 2k-parameter transformer, almost all compiling, 78.6 → 56.9 s and 2.16
+    → 1.49 GiB peak (``benchmarks/emitters.py``, benchmarks/results/emitters-cpu-2core.json); the
+    scaling study's 100k unit, mostly computing, 330 → 388 s (``quartic run scaling --quick --set
+    sizes=100k`` under each ``XLA_FLAGS``, once each, docs/performance.md).
     """
     from jax._src import xla_bridge
 
     started = getattr(xla_bridge, "backends_are_initialized", lambda: False)()
-    version = tuple(int(p) for p in jaxlib.__version__.split(".")[:2])
-    lo, hi = FAST_COMPILE_JAXLIB
-    if started or not lo <= version < hi:
+    if started or not fast_compile_known():
         return ()
     current = os.environ.get("XLA_FLAGS", "")
     added = tuple(f for f in FAST_COMPILE_FLAGS if f.split("=")[0] not in current)
