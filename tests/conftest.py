@@ -10,10 +10,12 @@ jax.config.update("jax_numpy_dtype_promotion", "strict")
 # Imported after the switches above, so that nothing quartic builds at import sees other settings.
 from quartic.harness import compile_cache  # noqa: E402
 
-# The suite is mostly compiling: XLA:CPU's faster-compiling emitters (before JAX starts its backend;
-# inherited by the notebooks and commands the tests run in subprocesses). The assertions are the
-# same under either emitter; XLA_FLAGS=--xla_cpu_use_fusion_emitters=true runs the suite on XLA's
-# default. Compiled programs are kept between runs of the suite, as for the `quartic` command.
+# The suite is mostly compiling: XLA:CPU's faster-compiling settings, the older fusion emitters
+# and LLVM at -O0 (before JAX starts its backend; inherited by the notebooks and commands the tests
+# run in subprocesses). The assertions are the same under any setting; a flag that XLA_FLAGS
+# already names keeps the caller's value (XLA_FLAGS=--xla_cpu_use_fusion_emitters=true keeps XLA's
+# default emitters). Compiled programs are kept between runs of the suite, as for the `quartic`
+# command.
 compile_cache.fast_compile_flags()
 compile_cache.enable()
 

@@ -44,8 +44,19 @@ def test_dense_check_matches_eigh_to_1e10(spec):
     rep = q.check_aic(prob.align_loss_fn, prob.ft_loss_fn, prob.theta_star, rank=spec.d)
     direct = _direct(prob, spec.d)
     for name, value in direct.items():
+        if name == "crossover_time":
+            continue  # below, through its square
         got = getattr(rep, name)
         assert abs(got - float(value)) <= 1e-10 * max(1.0, abs(float(value))), name
+    # t× = 2√(gᵀFg)/‖F½Hg‖. Each side's gᵀFg carries a rounding error of at most n·ε·‖F‖·‖g‖²
+    # (float64 products and sums of n terms), which the square root turns into an absolute error
+    # of order √ε where the leak is 0 (spec 2: gᵀFg = 0 exactly). So t× is compared through
+    # (t×/2)²‖F½Hg‖² = gᵀFg, to 1e-10 relative plus twice that rounding bound.
+    f, g = prob.fisher, prob.ft_grad
+    hfh = float(prob.ft_grad @ prob.ft_hessian @ f @ prob.ft_hessian @ prob.ft_grad)
+    g_f_g = [(t / 2) ** 2 * hfh for t in (rep.crossover_time, float(direct["crossover_time"]))]
+    rounding = spec.n * np.finfo(np.float64).eps * float(jnp.linalg.norm(f, 2) * (g @ g))
+    assert abs(g_f_g[0] - g_f_g[1]) <= 1e-10 * abs(g_f_g[1]) + 2 * rounding
     np.testing.assert_allclose(rep.quartic_coefficient, direct["gamma_fisher"] ** 2 / 8, rtol=1e-10)
     np.testing.assert_allclose(
         rep.lower_bound_coefficient,

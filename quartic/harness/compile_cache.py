@@ -12,9 +12,10 @@ programs are written to a per-user folder and read back by later processes:
 :class:`CompileClock` adds up the compile events JAX reports (tracing, lowering, XLA compilation,
 cache reads) so that a run can print what share of its wall time went to compiling.
 
-:func:`fast_compile_flags` switches XLA:CPU to its older (LLVM IR) fusion emitters, which compile
-faster and smaller and run slower: for work that is mostly compiling, such as the test suite (the
-suite's ``conftest.py`` calls it), not for the experiments (docs/performance.md has the numbers).
+:func:`fast_compile_flags` switches XLA:CPU to its older (LLVM IR) fusion emitters and turns LLVM's
+optimisation off, which compiles faster and smaller and runs slower: for work that is mostly
+compiling, such as the test suite (the suite's ``conftest.py`` calls it), not for the experiments
+(docs/performance.md has the numbers).
 """
 
 from __future__ import annotations
@@ -43,8 +44,10 @@ COMPILE_EVENTS = (
 
 
 #: XLA:CPU flags for compile-bound work, and the jaxlib versions known to have them (XLA aborts the
-#: process on a flag it does not know, so other versions are left alone).
-FAST_COMPILE_FLAGS = ("--xla_cpu_use_fusion_emitters=false",)
+#: process on a flag it does not know, so other versions are left alone): the older fusion
+#: emitters, and LLVM's optimisation level 0 (the same operations, in the same order of
+#: arithmetic that XLA chose; only the machine code is less optimised).
+FAST_COMPILE_FLAGS = ("--xla_cpu_use_fusion_emitters=false", "--xla_backend_optimization_level=0")
 FAST_COMPILE_JAXLIB = ((0, 5), (0, 12))
 
 
@@ -58,13 +61,16 @@ def fast_compile_flags() -> tuple[str, ...]:
     """Add :data:`FAST_COMPILE_FLAGS` to ``XLA_FLAGS`` and return the flags added.
 
     Call it before JAX starts its backend (the flags are read once, at the first computation).
-    Nothing is added when the backend has started, when ``XLA_FLAGS`` already names the flag (the
-    caller's choice stands: ``XLA_FLAGS=--xla_cpu_use_fusion_emitters=true`` keeps XLA's default),
-    or outside the jaxlib versions of :data:`FAST_COMPILE_JAXLIB`. Measured on 2 CPU cores: the
-    float64 AIC checks of a 2k-parameter transformer, almost all compiling, 78.6 → 56.9 s and 2.16
-    → 1.49 GiB peak (``benchmarks/emitters.py``, benchmarks/results/emitters-cpu-2core.json); the
-    scaling study's 100k unit, mostly computing, 330 → 388 s (``quartic run scaling --quick --set
-    sizes=100k`` under each ``XLA_FLAGS``, once each, docs/performance.md).
+    Nothing is added when the backend has started, for a flag that ``XLA_FLAGS`` already names (the
+    caller's choice stands: ``XLA_FLAGS=--xla_cpu_use_fusion_emitters=true`` keeps XLA's default
+    emitters), or outside the jaxlib versions of :data:`FAST_COMPILE_JAXLIB`. Measured on 2 CPU
+    cores, each setting in a fresh process (``benchmarks/compile_flags.py``,
+    benchmarks/results/compile-flags-cpu-2core.json): the float64 AIC checks of a 2k-parameter
+    transformer, almost all compiling, 63.8 s (XLA's default) → 55.9 s (older emitters) → 32.7 s
+    (both flags), peak 2.25 → 1.49 GiB; training that model's θ*, mostly computing, 12.1 → 10.1 →
+    13.5 s. The scaling study's 100k unit, mostly computing, took 330 → 388 s with the older
+    emitters alone (``quartic run scaling --quick --set sizes=100k`` under each ``XLA_FLAGS``,
+    once each, docs/performance.md).
     """
     from jax._src import xla_bridge
 
