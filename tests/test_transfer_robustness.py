@@ -144,6 +144,8 @@ def test_rerun_recomputes_nothing(tiny_run, tmp_path, monkeypatch):
         ({"pairs": ("hate>hate",)}, "pair"),
         ({"cue_concepts": (0, 1)}, "cue_concepts"),
         ({"lora_size": "30k"}, "lora_size"),
+        ({"pooling": "max"}, "pooling"),
+        ({"probe_steps": -1}, "probe_steps"),
     ],
 )
 def test_bad_configurations_raise(overrides, message):
@@ -165,6 +167,42 @@ def test_model_config_errors():
         tr.model_config("2k", "lstm", vocab_size=40, seq_len=8)
     with pytest.raises(QuarticError, match="multiple of eval_every"):
         tr.FitConfig(n_steps=10, eval_every=3)
+    with pytest.raises(QuarticError, match="pooling"):
+        tr.model_config("2k", "decoder", vocab_size=40, seq_len=8, pooling="max")
+
+
+def test_lp_ft_is_a_head_probe_then_the_stage(tmp_path):
+    """probe_steps > 0: the head alone on the frozen body first, then the stage from the probe's
+    best checkpoint, in the study's target unit exactly as composed here by hand; pooling reaches
+    the classifier and leaves the language model (and so the pretrained body) as it was."""
+    config = tiny_config(archs=("decoder",), pooling="mean", probe_steps=4)
+    size, arch, target = "2k", "decoder", "political"
+    rec = pipeline.target_unit(config, tmp_path, "surface", size, arch, "full", target)
+    clf = pipeline.model_cfg(config, size, arch)
+    assert (clf.pooling, pipeline.model_cfg(tiny_config(), size, arch).pooling) == ("mean", "last")
+    lm = pipeline.model_cfg(config, size, arch, head="lm")
+    assert lm == pipeline.model_cfg(tiny_config(), size, arch, head="lm")
+    split = pipeline.world(config)[2][("surface", target)]
+    val = {k: v[: config.n_val_eval] for k, v in split.val.items()}
+    start = pipeline.initial_classifiers(config, tmp_path, size, arch, "full")
+    unit = ("target", "surface", size, arch, "full", target, "direct")
+    probe = trainer.FitConfig(config.probe_steps, config.batch_size, config.probe_lr, 1)
+    probed = trainer.fit("clf", clf, start, split.target_train, val,
+                         pipeline._keys(config, "probe", *unit), probe, trainable="head").params  # fmt: skip
+    after = dict(jax.tree_util.tree_leaves_with_path(probed))
+    for path, before in jax.tree_util.tree_leaves_with_path(start):  # the head moved, nothing else
+        in_head = path[0].key == "head"
+        assert np.array_equal(before, after[path]) != in_head, jax.tree_util.keystr(path)
+    fc = trainer.FitConfig(
+        config.target_steps, config.batch_size, config.lr, config.target_eval_every
+    )
+    res = trainer.fit(
+        "clf", clf, probed, split.target_train, val, pipeline._keys(config, *unit), fc
+    )
+    probs = trainer.predict(clf, res.params, split.test["tokens"])
+    acc = (probs.argmax(-1) == np.asarray(split.test["labels"])[None, :]).mean(axis=1)
+    assert [r["test_accuracy"] for r in rec["per_seed"]] == acc.tolist()
+    assert [r["best_step"] for r in rec["per_seed"]] == res.best_step.tolist()
 
 
 @pytest.fixture(scope="module")

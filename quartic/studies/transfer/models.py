@@ -58,12 +58,16 @@ def model_config(
     seq_len: int,
     head: str = "classifier",
     lora_rank: int = 0,
+    pooling: str | None = None,
 ) -> TransformerConfig:
     """The config of a ``size`` (a preset name) model of architecture ``arch``.
 
     The width is chosen by :meth:`TransformerConfig.preset` for the 2-way classifier without
     adapters, so the language model (``head="lm"``) and the LoRA variant share its body exactly.
-    Raises ``QuarticError`` for an unknown size, architecture or head.
+    ``pooling`` (``"mean"`` or ``"last"``) replaces the architecture's own read-out of the
+    classifier (:data:`ARCHS`); it has no weights, so every read-out shares the pretrained body,
+    and the language model ignores it. Raises ``QuarticError`` for an unknown size, architecture,
+    head or pooling.
     """
     if size not in PRESETS:
         raise QuarticError(f"unknown model size {size!r}; choose from {list(PRESETS)}")
@@ -73,14 +77,17 @@ def model_config(
         raise QuarticError(f"head must be 'classifier' or 'lm', got {head!r}")
     if lora_rank < 0:
         raise QuarticError(f"lora_rank={lora_rank}: must be >= 0")
+    if pooling not in (None, "mean", "last"):
+        raise QuarticError(f"pooling must be 'mean', 'last' or None, got {pooling!r}")
     try:
         base = TransformerConfig.preset(
             size, vocab_size=vocab_size, seq_len=seq_len, n_classes=2, **ARCHS[arch]
         )
     except ValueError as e:
         raise QuarticError(f"model size {size!r} does not fit this language: {e}") from e
-    n_classes = 2 if head == "classifier" else None
-    return dataclasses.replace(base, n_classes=n_classes, lora_rank=lora_rank)
+    if head == "lm":
+        return dataclasses.replace(base, n_classes=None, lora_rank=lora_rank)
+    return dataclasses.replace(base, lora_rank=lora_rank, pooling=pooling or base.pooling)
 
 
 class _ModelFns(NamedTuple):

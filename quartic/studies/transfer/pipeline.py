@@ -8,7 +8,8 @@
    (seed i: pretrained body i, head init i, data order i), best checkpoint by validation loss (the
    source stage validates on a held-out slice of its own training distribution, the target stage
    on the target's validation split). Full fine-tuning at every size, and LoRA (adapters + head)
-   at ``lora_size``;
+   at ``lora_size``. The read-out is each architecture's own unless ``pooling`` says otherwise,
+   and with ``probe_steps`` every stage is LP-FT (the head alone on the frozen body first);
 3. attack the target test set (first ``n_attack`` rows) at each budget (and unlimited), and record
    OAcc, AUA, ASR, mean queries, % words perturbed, confidence margin;
 4. a linear bag-of-words baseline per task (:func:`quartic.studies.transfer.bow_logistic`) from
@@ -109,6 +110,14 @@ class StudyConfig:
     batch_size: int = 32
     lr: float = 1e-3
     lora_lr: float = 3e-3
+    # the classifier's read-out: "" each architecture's own (decoder: last token, encoder: mean
+    # over tokens), or "mean" / "last" for both
+    pooling: str = ""
+    # LP-FT: before each fine-tuning stage (source and target, both arms), ``probe_steps`` steps
+    # of the head alone on the frozen body at ``probe_lr``, then the stage from the probe's best
+    # checkpoint; 0: none
+    probe_steps: int = 0
+    probe_lr: float = 1e-2
     n_val_eval: int = 512  # validation rows for the best checkpoint (source: held out of its train)
     # the attack
     budgets: tuple[int, ...] = (80, 500)
@@ -181,6 +190,16 @@ class StudyConfig:
         )
         trainer.FitConfig(self.source_steps, self.batch_size, self.lr, self.source_eval_every)
         trainer.FitConfig(self.target_steps, self.batch_size, self.lr, self.target_eval_every)
+        if self.pooling not in ("", "mean", "last"):
+            raise QuarticError(
+                f"pooling={self.pooling!r}: give 'mean', 'last' or '' (each architecture's own)"
+            )
+        if self.probe_steps < 0:
+            raise QuarticError(f"probe_steps={self.probe_steps}: must be >= 0 (0: no probe)")
+        if self.probe_steps:
+            trainer.FitConfig(
+                self.probe_steps, self.batch_size, self.probe_lr, _eval_every(self.probe_steps)
+            )
         AttackConfig(max_candidates=self.max_candidates, method=self.attack_method)
 
     def data_config(self, setting: str) -> syn.TaskDataConfig:
@@ -271,6 +290,7 @@ def model_cfg(
         seq_len=config.max_len,
         head=head,
         lora_rank=config.lora_rank if lora else 0,
+        pooling=config.pooling or None,
     )
 
 
@@ -347,6 +367,25 @@ def _lr(config: StudyConfig, ft: str) -> float:
     return config.lora_lr if ft == "lora" else config.lr
 
 
+def _fine_tune(
+    config: StudyConfig, clf, start: dict, train: dict, val: dict, fc, ft: str, unit: tuple, desc
+) -> trainer.FitResult:
+    """One fine-tuning stage of ``unit`` (the parts that name its keys): with ``probe_steps``, a
+    linear probe first (the head alone on the frozen body, ``probe_lr``; its own keys), then the
+    stage from the probe's best checkpoint (LP-FT). Without, the stage alone, as it always was."""
+    if config.probe_steps:
+        pc = trainer.FitConfig(
+            config.probe_steps, config.batch_size, config.probe_lr, _eval_every(config.probe_steps)
+        )
+        start = trainer.fit(
+            "clf", clf, start, train, val, _keys(config, "probe", *unit), pc, trainable="head",
+            desc=f"{desc} probe",
+        ).params  # fmt: skip
+    return trainer.fit(
+        "clf", clf, start, train, val, _keys(config, *unit), fc, trainable=ft, desc=desc
+    )
+
+
 def source_models(
     config: StudyConfig, out_dir, setting: str, size: str, arch: str, ft: str, source
 ):
@@ -361,10 +400,9 @@ def source_models(
         fc = trainer.FitConfig(
             config.source_steps, config.batch_size, _lr(config, ft), config.source_eval_every
         )
-        res = trainer.fit(
-            "clf", clf, initial_classifiers(config, out_dir, size, arch, ft), train, val,
-            _keys(config, "source", setting, size, arch, ft, source), fc, trainable=ft,
-            desc=f"source {source} {arch} {size} {ft}",
+        res = _fine_tune(
+            config, clf, initial_classifiers(config, out_dir, size, arch, ft), train, val, fc, ft,
+            ("source", setting, size, arch, ft, source), f"source {source} {arch} {size} {ft}",
         )  # fmt: skip
         own_test = world(config)[2][(setting, source)].test
         probs = trainer.predict(
@@ -420,10 +458,9 @@ def target_unit(config: StudyConfig, out_dir, setting, size, arch, ft, target, s
         config.target_steps, config.batch_size, _lr(config, ft), config.target_eval_every
     )
     arm = "direct" if source is None else f"transfer_{source}"
-    res = trainer.fit(
-        "clf", clf, start, split.target_train, val,
-        _keys(config, "target", setting, size, arch, ft, target, arm), fc, trainable=ft,
-        desc=f"target {target} ({arm}) {arch} {size} {ft}",
+    res = _fine_tune(
+        config, clf, start, split.target_train, val, fc, ft,
+        ("target", setting, size, arch, ft, target, arm), f"target {target} ({arm}) {arch} {size} {ft}",
     )  # fmt: skip
     base = model_cfg(config, size, arch)
     params = _eval_params(res.params, ft)
