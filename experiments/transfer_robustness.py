@@ -12,6 +12,8 @@ positives written only in privileged forms, negatives carrying decoys; ``plain``
 
     quartic run transfer_robustness --quick   # 4.7 min on a shared 2-core CPU (2 sizes, 1 setting)
     quartic run transfer_robustness           # 39 min on a shared 2-core CPU (load ≈ 3), 188 units
+    quartic run transfer_robustness --set pooling=mean probe_steps=400 lr=3e-4 target_steps=400 ...
+                                              # decoders above word counts (docs/results.md)
     -> ΔOAcc and ΔASR (points) per size and architecture beside the paper's GPT-2 number
        (+3.67 accuracy, +20.4 ASR), whether they rise/shrink with size, and the bridge's Spearman ρ
 """
