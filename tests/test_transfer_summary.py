@@ -210,6 +210,14 @@ def test_table_shows_the_intervals_and_reads_old_summaries():
     assert row["measured"] == f"{claim['slope_per_decade']:+.1f} [{lo:+.1f}, {hi:+.1f}]"
     assert row["verdict"].endswith("(interval includes 0)" if lo <= 0 <= hi else "excludes 0)")
     assert any("confidence margin" in q for q in rows)
+    raises = next(r for q, r in rows.items() if "transfer raises ASR" in q)
+    assert raises["verdict"] == "holds"  # every size's interval above 0 (ΔASR ≈ 20 ± 2)
+    # every mean above 0, but one size's interval reaching below it: not shown
+    straddles = summarise(config(3), sized_res([*noisy[:3], [-6.0, 1.0, 8.0]], 3))
+    straddles["budgets"] = [B]
+    assert straddles["claims"]["surface|decoder"]["transfer_raises_asr"]
+    raises = next(r for r in EXP.table(straddles) if "transfer raises ASR" in r["quantity"])
+    assert raises["verdict"].startswith("not shown") and "(3 with" in raises["measured"]
     # a summary written before the intervals: the same rows, as they were
     old = copy.deepcopy(summary)
     for c in old["cells"].values():
