@@ -21,7 +21,8 @@ compile_cache.enable()
 
 
 #: The suite's longest files, longest first (seconds in a suite run with two workers, 2 cores,
-#: fresh caches, 2026-12-06). Run with ``-n 2 --dist loadfile``, pytest-xdist hands each worker the
+#: fresh caches, 2026-12-06: benchmarks/suite_durations.py, its -O0 run in
+#: benchmarks/results/suite-durations-cpu-2core.json). Run with ``-n 2 --dist loadfile``, pytest-xdist hands each worker the
 #: next file in collection order whenever it runs short (pyproject's ``--no-loadscope-reorder``
 #: keeps this order instead of xdist's by-test-count one); starting with the long files lets the
 #: many short ones even the two workers out at the end (by test count, one worker ran 95 s longer).

@@ -66,9 +66,9 @@ def fast_compile_flags() -> tuple[str, ...]:
     emitters), or outside the jaxlib versions of :data:`FAST_COMPILE_JAXLIB`. Measured on 2 CPU
     cores, each setting in a fresh process (``benchmarks/compile_flags.py``,
     benchmarks/results/compile-flags-cpu-2core.json): the float64 AIC checks of a 2k-parameter
-    transformer, almost all compiling, 63.8 s (XLA's default) → 55.9 s (older emitters) → 32.7 s
-    (both flags), peak 2.25 → 1.49 GiB; training that model's θ*, mostly computing, 12.1 → 10.1 →
-    13.5 s. The scaling study's 100k unit, mostly computing, took 330 → 388 s with the older
+    transformer, almost all compiling, 70.5 s (XLA's default) → 58.9 s (older emitters) → 39.7 s
+    (both flags), peak 2.18 → 1.49 → 1.48 GiB; training that model's θ*, mostly computing, 17.6 →
+    12.4 → 17.4 s. The scaling study's 100k unit, mostly computing, took 330 → 388 s with the older
     emitters alone (``quartic run scaling --quick --set sizes=100k`` under each ``XLA_FLAGS``,
     once each, docs/performance.md).
     """

@@ -196,11 +196,16 @@ class StudyConfig:
             )
         if self.probe_steps < 0:
             raise QuarticError(f"probe_steps={self.probe_steps}: must be >= 0 (0: no probe)")
-        if self.probe_steps:
-            trainer.FitConfig(
-                self.probe_steps, self.batch_size, self.probe_lr, _eval_every(self.probe_steps)
-            )
+        self.probe_fit()  # FitConfig checks the probe stage's steps and rate
         AttackConfig(max_candidates=self.max_candidates, method=self.attack_method)
+
+    def probe_fit(self) -> trainer.FitConfig | None:
+        """The LP-FT probe stage (the head alone, ``probe_steps`` at ``probe_lr``), or None."""
+        if not self.probe_steps:
+            return None
+        return trainer.FitConfig(
+            self.probe_steps, self.batch_size, self.probe_lr, _eval_every(self.probe_steps)
+        )
 
     def data_config(self, setting: str) -> syn.TaskDataConfig:
         surface = setting == "surface"
@@ -373,10 +378,8 @@ def _fine_tune(
     """One fine-tuning stage of ``unit`` (the parts that name its keys): with ``probe_steps``, a
     linear probe first (the head alone on the frozen body, ``probe_lr``; its own keys), then the
     stage from the probe's best checkpoint (LP-FT). Without, the stage alone, as it always was."""
-    if config.probe_steps:
-        pc = trainer.FitConfig(
-            config.probe_steps, config.batch_size, config.probe_lr, _eval_every(config.probe_steps)
-        )
+    pc = config.probe_fit()
+    if pc is not None:
         start = trainer.fit(
             "clf", clf, start, train, val, _keys(config, "probe", *unit), pc, trainable="head",
             desc=f"{desc} probe",
