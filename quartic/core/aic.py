@@ -77,8 +77,9 @@ class AICReport:
       trace − Σ top-d, an estimate with standard error ``tail_mass_stderr``.
 
     In both, ``lambda_max_ft`` (λ_max(H_FT), which sets ``validity_horizon`` and every t·λ axis)
-    comes from a Lanczos run of at most :data:`LAMBDA_MAX_ITERS` steps; ``lambda_max_ft_residual``
-    is its exact residual ‖H v − λ v‖, a bound on the distance from λ to an eigenvalue of H_FT.
+    comes from a Lanczos run of at most ``lambda_max_iters`` steps (default
+    :data:`LAMBDA_MAX_ITERS`); ``lambda_max_ft_residual`` is its exact residual ‖H v − λ v‖, a bound
+    on the distance from λ to an eigenvalue of H_FT.
 
     When F is indefinite (an alignment Hessian with negative curvature, e.g. a refusal
     cross-entropy with ``fisher=None``), ``tail_mass`` and ``crossover_time`` are computed on F's
@@ -274,6 +275,7 @@ def _measure_fn(
     exact_trace=False,
     trace_batch=None,
     eig_given=False,
+    lambda_max_iters=LAMBDA_MAX_ITERS,
 ):
     """One jitted program per (losses, selection, settings): params, data, F and the key are its
     arguments, so repeated checks (other tasks, other batches of the same shapes) reuse it."""
@@ -293,6 +295,7 @@ def _measure_fn(
         exact_trace,
         trace_batch,
         eig_given,
+        lambda_max_iters,
     )
     if cache_key in _MEASURE_CACHE:
         return _MEASURE_CACHE[cache_key]
@@ -356,7 +359,7 @@ def _measure_fn(
                 )
             out.update(trace=est.value, tail=est.value - jnp.sum(top), tail_se=est.stderr)
             out.update(eigenvalues=top, residuals=pairs.residuals)
-        lam_ft = lambda_max(h_ft, n, num_iters=LAMBDA_MAX_ITERS, key=key, dtype=theta.dtype)
+        lam_ft = lambda_max(h_ft, n, num_iters=lambda_max_iters, key=key, dtype=theta.dtype)
         out["lam_max_ft"], out["lam_max_ft_residual"] = lam_ft.value, lam_ft.residual
         coords_hg = basis.T @ hg
         out.update(
@@ -426,6 +429,7 @@ def check_aic(
     trace_batch: int | None = None,
     full_spectrum: bool = False,
     fisher_eigenpairs: curvature.Eigenpairs | None = None,
+    lambda_max_iters: int = LAMBDA_MAX_ITERS,
 ) -> AICReport:
     """Measure the Alignment Instability Condition (Def 5.1) at ``params`` = θ*.
 
@@ -453,6 +457,9 @@ def check_aic(
         from one Lanczos of F shared by the checks of several fine-tuning tasks at the same θ*.
         The check takes the first ``rank`` (and their residuals, reported as given) instead of
         running its own Lanczos of F.
+      lambda_max_iters: Lanczos steps for λ_max(H_FT) (at most n). Its residual is reported
+        (``lambda_max_ft_residual``) and a warning is raised above ``LAMBDA_MAX_RTOL`` relative,
+        so fewer steps cost accuracy only where the report says so.
       thresholds: the caller's thresholds for each condition.
 
     Returns:
@@ -492,6 +499,10 @@ def check_aic(
         )
     if fisher_eigenpairs is not None:
         _check_eigenpairs(fisher_eigenpairs, method, n, rank)
+    if not isinstance(lambda_max_iters, int) or lambda_max_iters < 2:
+        raise QuarticError(
+            f"lambda_max_iters must be an integer >= 2 (Lanczos steps), got {lambda_max_iters!r}"
+        )
     key = jax.random.PRNGKey(0) if key is None else key
     f_callable = fisher if callable(fisher) or isinstance(fisher, GaussNewton) else None
     dense_given = f_given is not None
@@ -517,6 +528,7 @@ def check_aic(
         fisher_trace is not None,
         trace_batch,
         fisher_eigenpairs is not None,
+        lambda_max_iters,
     )
     if method != "dense":
         f_eig = fisher_eigenpairs
@@ -586,7 +598,7 @@ def check_aic(
     warnings += indefinite_notes
     if not lam_ft_res <= LAMBDA_MAX_RTOL * max(abs(lam_max_ft), 1e-300):
         warnings.append(
-            f"λ_max(H_FT) = {lam_max_ft:.6g} from {min(n, LAMBDA_MAX_ITERS)} Lanczos steps has "
+            f"λ_max(H_FT) = {lam_max_ft:.6g} from {min(n, lambda_max_iters)} Lanczos steps has "
             f"residual {lam_ft_res:.2g} (> {LAMBDA_MAX_RTOL:g} relative): it, the validity "
             "horizon and every t·λ_max scale are uncertain by up to that much"
         )

@@ -299,6 +299,18 @@ def taylor_args(
     return kl_chunks(kl_data, rows), ft_chunks(ft_data, rows)
 
 
+#: RK4 steps per record interval of the study's flow. On its grid (``num_times`` log-spaced times up
+#: to t·λ_max = 0.1) a step is at most h·λ_max = 0.1·(1 − r⁻¹)/2 with r the grid ratio (0.03 for
+#: 6 times over two decades), and RK4's relative error on Δθ is about (hλ)⁴/120 ≈ 7e-9, doubled on
+#: Δu: far below the second-order forecast's error it is measured against (1e-3 and up). Tested
+#: against the exact path of a quadratic (tests/test_dynamics.py).
+FLOW_SUBSTEPS = 2
+
+#: Lanczos steps for λ_max(H_FT) in the study's checks: on the 2k and 30k models 30 steps give a
+#: residual of 1e-15 relative (20 give 1e-10); the report warns above 1e-6 (aic.LAMBDA_MAX_RTOL).
+LAMBDA_MAX_ITERS = 30
+
+
 def task_scaling(
     setup: collapse.CollapseSetup,
     task: str,
@@ -309,9 +321,13 @@ def task_scaling(
     taylor_order: int = 6,
     t_lambda: tuple[float, float] = (1e-3, 0.1),
     num_times: int = 6,
+    flow_substeps: int = FLOW_SUBSTEPS,
+    lambda_max_iters: int = LAMBDA_MAX_ITERS,
 ) -> dict:
     """Every scaling quantity of one benign task at θ* (the KL drift as the alignment loss);
-    ``spectrum``: F's top pairs (:func:`fisher_spectrum`, at least ``rank`` and ``d_share``)."""
+    ``spectrum``: F's top pairs (:func:`fisher_spectrum`, at least ``rank`` and ``d_share``);
+    ``flow_substeps`` RK4 steps per record interval of the simulated flow; ``lambda_max_iters``
+    Lanczos steps for λ_max(H_FT) (its residual is in the result, a warning above 1e-6)."""
     batch = setup.task_batch(task)
     ft_data = (batch, jnp.zeros_like(setup.theta), setup.theta)
     kl_fn = setup.align_fns["kl"]
@@ -322,6 +338,7 @@ def task_scaling(
         method="lanczos",
         fisher_trace=trace,
         fisher_eigenpairs=spectrum,
+        lambda_max_iters=lambda_max_iters,
         **aic_args(setup, ft_data, rows),
     )
     align_args, ft_args = taylor_args(setup, ft_data, rows)
@@ -333,7 +350,7 @@ def task_scaling(
     q4 = rep.quartic_coefficient
     lam = rep.lambda_max_ft
     ts = dynamics.log_times(t_lambda[0] / lam, t_lambda[1] / lam, num_times)
-    flow = collapse._flow_fn(setup)
+    flow = collapse._flow_fn(setup, flow_substeps)
     traj = flow(
         setup.theta,
         jnp.asarray(ts),
