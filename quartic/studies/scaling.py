@@ -301,14 +301,15 @@ def taylor_args(
 
 #: RK4 steps per record interval of the study's flow. On its grid (``num_times`` log-spaced times up
 #: to t·λ_max = 0.1) a step is at most h·λ_max = 0.1·(1 − r⁻¹)/2 with r the grid ratio (0.03 for
-#: 6 times over two decades), and RK4's relative error on Δθ is about (hλ)⁴/120 ≈ 7e-9, doubled on
-#: Δu: far below the second-order forecast's error it is measured against (1e-3 and up). Tested
-#: against the exact path of a quadratic (tests/test_dynamics.py).
+#: 6 times over two decades), and RK4's error on the displacement δ is at most (hλ)⁴/120 ≈ 7e-9 of
+#: ‖δ‖; on Δu it is at most ‖Fδ‖ times that (not relative to Δu, which is small by cancellation).
+#: The forecast errors it is compared with are 1e-3 and up. Both bounds are tested against the exact
+#: path of a quadratic (tests/test_dynamics.py).
 FLOW_SUBSTEPS = 2
 
 #: Lanczos steps for λ_max(H_FT) in the study's checks: on the 2k and 30k models 30 steps give a
 #: residual of 1e-15 relative (20 give 1e-10); the report warns above 1e-6 (aic.LAMBDA_MAX_RTOL).
-LAMBDA_MAX_ITERS = 30
+STUDY_LAMBDA_MAX_ITERS = 30
 
 
 def task_scaling(
@@ -322,7 +323,7 @@ def task_scaling(
     t_lambda: tuple[float, float] = (1e-3, 0.1),
     num_times: int = 6,
     flow_substeps: int = FLOW_SUBSTEPS,
-    lambda_max_iters: int = LAMBDA_MAX_ITERS,
+    lambda_max_iters: int = STUDY_LAMBDA_MAX_ITERS,
 ) -> dict:
     """Every scaling quantity of one benign task at θ* (the KL drift as the alignment loss);
     ``spectrum``: F's top pairs (:func:`fisher_spectrum`, at least ``rank`` and ``d_share``);
