@@ -154,3 +154,53 @@ def test_chunked_aic_check_equals_the_whole_batch():
     np.testing.assert_allclose(chunked.eigenvalues[:10], whole.eigenvalues[:10], rtol=1e-12)
     t_whole, t_chunked = np.asarray(whole.forecast.taylor()), np.asarray(chunked.forecast.taylor())
     np.testing.assert_allclose(t_chunked[1:], t_whole[1:], rtol=1e-12)  # c₁ = 0: rounding
+
+
+def test_the_onsets_fast_compiled_program_gives_plain_jits_coefficients(monkeypatch):
+    """The onset program is compiled with core.jit's fast-compile options (other machine code, the
+    same program): c₁…c₆ and θ^{(k)}(0) equal those of the program compiled with XLA's default
+    options to 1e-12 relative in float64 (rounding only)."""
+    from quartic.core import jit
+
+    if jit.fast_compile_options() is None:
+        pytest.skip("this backend or jaxlib compiles the onset with XLA's defaults: one program")
+    ft, align, align2, x, y, a, th = _problem()
+    fast = theory.taylor_onsets((align, align2), ft, th, 6, ((a,), (a,)), (x, y))
+    compiled = []
+    # XLA's own defaults, named: the suite's XLA_FLAGS (conftest) set the fast ones process-wide
+    xla_default = {"xla_cpu_use_fusion_emitters": True, "xla_backend_optimization_level": 2}
+    plain_jit = lambda f: compiled.append(f) or jax.jit(f, compiler_options=xla_default)
+    monkeypatch.setattr(theory, "compile_bound_jit", plain_jit)
+    theory._taylor_fn.cache_clear()
+    plain = theory.taylor_onsets((align, align2), ft, th, 6, ((a,), (a,)), (x, y))
+    theory._taylor_fn.cache_clear()  # later tests get the fast program back
+    assert len(compiled) == 1  # the plain program was built, not read from the memo
+    for f, p in zip(fast, plain, strict=True):
+        c_f, c_p = np.asarray(f.coefficients), np.asarray(p.coefficients)
+        assert np.all(np.abs(c_p) > 1e-8)
+        np.testing.assert_allclose(c_f, c_p, rtol=1e-12, atol=0)
+        d_f, d_p = np.asarray(f.flow_derivatives), np.asarray(p.flow_derivatives)
+        assert np.abs(d_f - d_p).max() <= 1e-12 * np.abs(d_p).max()
+
+
+def test_fast_compile_options_apply_on_a_known_jaxlib_and_cpu_only(monkeypatch):
+    from quartic.core import jit
+
+    monkeypatch.setattr(jit.jaxlib, "__version__", "0.10.2")
+    monkeypatch.setattr(jit.jax, "default_backend", lambda: "cpu")
+    assert jit.fast_compile_options() == jit.FAST_COMPILE_OPTIONS
+    monkeypatch.setattr(jit.jax, "default_backend", lambda: "gpu")
+    assert jit.fast_compile_options() is None
+    monkeypatch.setattr(jit.jax, "default_backend", lambda: "cpu")
+    monkeypatch.setattr(jit.jaxlib, "__version__", "0.12.0")
+    assert jit.fast_compile_options() is None
+
+
+def test_the_onset_runs_inside_another_jit():
+    """Traced inputs (the forecast study's scan calls it so): the onset joins the outer program,
+    whose compile options apply (per-program options are for top-level programs only), with the
+    coefficients of the top-level call to rounding."""
+    ft, align, _, x, y, a, th = _problem()
+    top = theory.taylor_onset(align, ft, th, 4, (a,), (x, y)).coefficients
+    inner = jax.jit(lambda t: theory.taylor_onset(align, ft, t, 4, (a,), (x, y)).coefficients)
+    np.testing.assert_allclose(inner(th), top, rtol=1e-12, atol=0)

@@ -19,6 +19,7 @@ from jax.experimental import jet
 from quartic.core.cache import memo
 from quartic.core.chunked import Chunked, weighted_sum
 from quartic.core.errors import QuarticError
+from quartic.core.jit import compile_bound_jit
 
 #: Cor 6.3: the alignment loss grows like t^ORDER at onset.
 ORDER = 4
@@ -306,12 +307,26 @@ def taylor_onsets(
         ft_args.check("ft_args")
     else:
         ft_args = tuple(ft_args)
-    coeffs, derivs = _taylor_fn(fns, ft_loss_fn, order)(theta_star, args, ft_args)
+    # inside another jit (traced inputs) the outer program's options apply: compiler_options are
+    # for top-level programs only
+    traced = any(
+        isinstance(x, jax.core.Tracer) for x in jax.tree.leaves((theta_star, args, ft_args))
+    )
+    fast = not traced and theta_star.shape[0] <= FAST_COMPILE_MAX_PARAMS
+    coeffs, derivs = _taylor_fn(fns, ft_loss_fn, order, fast)(theta_star, args, ft_args)
     return [TaylorOnset(c, derivs) for c in coeffs]
 
 
+#: The onset program is compiled with core.jit's fast-compile options up to this many parameters.
+#: First call (compile + run), then each later run, XLA's defaults → fast options, order 6, the
+#: scaling study's models on 2 CPU cores (benchmarks/onset_compile.py): 2k 34.0 → 15.3 s,
+#: 0.34 → 0.64 s; 30k 55.6 → 28.5 s, 1.9 → 3.3 s; 100k 111.0 → 84.6 s, 4.8 → 8.8 s. At 100k six
+#: later runs (the full scaling study makes 18 per size) give back the 26 s saved.
+FAST_COMPILE_MAX_PARAMS = 50_000
+
+
 @memo(maxsize=32)
-def _taylor_fn(align_loss_fns, ft_loss_fn, order):
+def _taylor_fn(align_loss_fns, ft_loss_fn, order, fast_compile):
     # With Chunked arguments each jet is Σ_j w_j (the chunk's jet): the series are linear in the
     # loss. A plain tuple of arguments is the one-chunk case, traced as before.
     def run(theta_star, align_args, ft_args):
@@ -333,7 +348,7 @@ def _taylor_fn(align_loss_fns, ft_loss_fn, order):
             coeffs.append(weighted_sum(useries, a, ulike) / fact)
         return coeffs, jnp.stack(derivs)
 
-    return jax.jit(run)
+    return compile_bound_jit(run) if fast_compile else jax.jit(run)
 
 
 # ----------------------------------------------------------------------------------------------

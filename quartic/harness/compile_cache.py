@@ -27,7 +27,8 @@ import time
 
 import jax
 import jax.monitoring
-import jaxlib
+
+from quartic.core.jit import FAST_COMPILE_OPTIONS, fast_compile_known
 
 ENV_SWITCH = "QUARTIC_COMPILATION_CACHE"
 ENV_DIR = "QUARTIC_CACHE_DIR"
@@ -43,18 +44,10 @@ COMPILE_EVENTS = (
 )
 
 
-#: XLA:CPU flags for compile-bound work, and the jaxlib versions known to have them (XLA aborts the
-#: process on a flag it does not know, so other versions are left alone): the older fusion
-#: emitters, and LLVM's optimisation level 0 (the same operations, in the same order of
-#: arithmetic that XLA chose; only the machine code is less optimised).
-FAST_COMPILE_FLAGS = ("--xla_cpu_use_fusion_emitters=false", "--xla_backend_optimization_level=0")
-FAST_COMPILE_JAXLIB = ((0, 5), (0, 12))
-
-
-def fast_compile_known() -> bool:
-    """Whether the installed jaxlib is one of :data:`FAST_COMPILE_JAXLIB`'s versions."""
-    lo, hi = FAST_COMPILE_JAXLIB
-    return lo <= tuple(int(p) for p in jaxlib.__version__.split(".")[:2]) < hi
+#: :data:`quartic.core.jit.FAST_COMPILE_OPTIONS` as ``XLA_FLAGS`` for a whole process (XLA aborts
+#: the process on a flag it does not know, so only the jaxlib versions of
+#: :data:`~quartic.core.jit.FAST_COMPILE_JAXLIB` get them).
+FAST_COMPILE_FLAGS = tuple(f"--{k}={str(v).lower()}" for k, v in FAST_COMPILE_OPTIONS.items())
 
 
 def fast_compile_flags() -> tuple[str, ...]:
@@ -63,7 +56,7 @@ def fast_compile_flags() -> tuple[str, ...]:
     Call it before JAX starts its backend (the flags are read once, at the first computation).
     Nothing is added when the backend has started, for a flag that ``XLA_FLAGS`` already names (the
     caller's choice stands: ``XLA_FLAGS=--xla_cpu_use_fusion_emitters=true`` keeps XLA's default
-    emitters), or outside the jaxlib versions of :data:`FAST_COMPILE_JAXLIB`. Measured on 2 CPU
+    emitters), or outside the jaxlib versions of :data:`~quartic.core.jit.FAST_COMPILE_JAXLIB`. Measured on 2 CPU
     cores, each setting in a fresh process (``benchmarks/compile_flags.py``,
     benchmarks/results/compile-flags-cpu-2core.json): the float64 AIC checks of a 2k-parameter
     transformer, almost all compiling, 70.5 s (XLA's default) → 58.9 s (older emitters) → 39.7 s

@@ -1,0 +1,53 @@
+"""XLA:CPU settings for compile-bound programs, and :func:`compile_bound_jit`, which applies them to
+one program.
+
+Some programs take far longer to compile than to run: the nested jets of the exact Taylor onset
+(:func:`quartic.core.theory.taylor_onsets`) compile for 36 s and then run in 0.3 s on the 2k
+transformer of the scaling study (2 CPU cores; with these options 15 s and 0.6 s, and at 100k
+parameters no faster to compile: ``theory.FAST_COMPILE_MAX_PARAMS``). For those, XLA:CPU's older fusion emitters and
+LLVM's optimisation level 0 compile faster and run slower (the same program, other machine code:
+values agree to rounding). For a program that runs longer
+than it compiles (training, the flow, Lanczos) they cost more than they save, so they are set per
+program, not for the process (``benchmarks/scaling_quick_flags.py`` measured the process-wide
+setting: the quick scaling run 12.0 → 15.2 min).
+
+The options are XLA:CPU's and known to the jaxlib versions of :data:`FAST_COMPILE_JAXLIB` (XLA
+rejects a flag it does not know); elsewhere, and on other backends, :func:`compile_bound_jit` is
+plain ``jax.jit``. The test suite sets the same options for the whole process
+(:func:`quartic.harness.compile_cache.fast_compile_flags`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import jax
+import jaxlib
+
+#: XLA debug options for compile-bound work: the older (LLVM IR) fusion emitters and LLVM -O0.
+FAST_COMPILE_OPTIONS: dict[str, bool | int] = {
+    "xla_cpu_use_fusion_emitters": False,
+    "xla_backend_optimization_level": 0,
+}
+#: The jaxlib versions [lo, hi) known to have :data:`FAST_COMPILE_OPTIONS`.
+FAST_COMPILE_JAXLIB = ((0, 5), (0, 12))
+
+
+def fast_compile_known() -> bool:
+    """Whether the installed jaxlib is one of :data:`FAST_COMPILE_JAXLIB`'s versions."""
+    lo, hi = FAST_COMPILE_JAXLIB
+    return lo <= tuple(int(p) for p in jaxlib.__version__.split(".")[:2]) < hi
+
+
+def fast_compile_options() -> dict[str, bool | int] | None:
+    """:data:`FAST_COMPILE_OPTIONS` where they apply (a CPU backend, a known jaxlib), else None."""
+    if not fast_compile_known() or jax.default_backend() != "cpu":
+        return None
+    return dict(FAST_COMPILE_OPTIONS)
+
+
+def compile_bound_jit(fn: Callable, **jit_kwargs) -> Callable:
+    """``jax.jit(fn)`` compiled with :func:`fast_compile_options`: for a program that is compiled
+    once and runs briefly. Its values are those of ``jax.jit(fn)`` up to the rounding of a
+    different machine code (tests/test_theory_chunked.py compares them)."""
+    return jax.jit(fn, compiler_options=fast_compile_options(), **jit_kwargs)
