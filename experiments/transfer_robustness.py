@@ -10,10 +10,14 @@ to the first paper (the AIC quantities of the robustness loss at the start of th
 fine-tune) against ΔASR. The surface-form knob is swept over ``settings`` (``surface``: source
 positives written only in privileged forms, negatives carrying decoys; ``plain``: no bias).
 
-    quartic run transfer_robustness --quick   # 4.7 min on a shared 2-core CPU (2 sizes, 1 setting)
-    quartic run transfer_robustness           # 39 min on a shared 2-core CPU (load ≈ 3), 188 units
-    quartic run transfer_robustness --set pooling=mean probe_steps=400 lr=3e-4 target_steps=400 ...
-                                              # decoders above word counts (docs/results.md)
+    quartic run transfer_robustness --quick   # 2 sizes, 1 setting (docs/results.md: its time)
+    quartic run transfer_robustness           # the full run, 188 units, resumable
+    quartic run transfer_robustness --set pooling= probe_steps=0 lr=1e-3 target_steps=200 ...
+                                              # the study's first recipe (39 min, models below
+                                              # word counts; docs/results.md)
+
+The fine-tuning recipe is LP-FT with mean pooling (``StudyConfig``'s defaults): the 30k and 100k
+decoders trained this way beat a word-count model on the same rows.
     -> ΔOAcc and ΔASR (points) per size and architecture beside the paper's GPT-2 number
        (+3.67 accuracy, +20.4 ASR), whether they rise/shrink with size, and the bridge's Spearman ρ
 """

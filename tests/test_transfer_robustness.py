@@ -56,6 +56,10 @@ def tiny_config(**overrides):
         bridge_rank=2,
         bridge_iters=4,
         bridge_examples=16,
+        # the first recipe (each architecture's read-out, no probe stage): LP-FT, the default,
+        # has its own test (test_lp_ft_is_a_head_probe_then_the_stage)
+        pooling="",
+        probe_steps=0,
     )
     return pipeline.StudyConfig(**{**base, **overrides})
 
