@@ -38,7 +38,7 @@ from quartic.studies.transfer import pipeline
 from quartic.studies.transfer import summary as transfer_summary
 
 TITLE = "Transfer learning vs adversarial robustness (ΔOAcc, ΔASR by model size) and the AIC bridge"
-QUICK_SECONDS = 300
+QUICK_SECONDS = 490  # 8.1 min on 2 cores with empty caches, LP-FT defaults (2026-12-06)
 
 #: The paper's one number: GPT-2 on hate speech, transfer − direct, in points.
 PAPER = {"delta_oacc": 3.67, "delta_asr": 20.4}
