@@ -2,14 +2,14 @@
 one program.
 
 Some programs take far longer to compile than to run: the nested jets of the exact Taylor onset
-(:func:`quartic.core.theory.taylor_onsets`) compile for 36 s and then run in 0.3 s on the 2k
-transformer of the scaling study (2 CPU cores; with these options 15 s and 0.6 s, and at 100k
-parameters no faster to compile: ``theory.FAST_COMPILE_MAX_PARAMS``). For those, XLA:CPU's older fusion emitters and
-LLVM's optimisation level 0 compile faster and run slower (the same program, other machine code:
-values agree to rounding). For a program that runs longer
-than it compiles (training, the flow, Lanczos) they cost more than they save, so they are set per
-program, not for the process (``benchmarks/scaling_quick_flags.py`` measured the process-wide
-setting: the quick scaling run 12.0 → 15.2 min).
+(:func:`quartic.core.theory.taylor_onsets`, order 6) compile for 34 s and then run in 0.34 s on the
+2k transformer of the scaling study (2 CPU cores). XLA:CPU's older fusion emitters and LLVM's
+optimisation level 0 compile faster and run slower (the same program, other machine code: values
+agree to rounding): 15.3 s and 0.64 s there, but at 100k parameters 111.0 → 84.6 s and 4.8 → 8.8 s
+(``benchmarks/onset_compile.py``; ``theory.FAST_COMPILE_MAX_PARAMS``). For a program that runs
+longer than it compiles (training, the flow, Lanczos) they cost more than they save, so they are
+set per program, not for the process (``benchmarks/scaling_quick_flags.py``: the whole quick
+scaling run 12.0 → 15.2 min).
 
 The options are XLA:CPU's and known to the jaxlib versions of :data:`FAST_COMPILE_JAXLIB` (XLA
 rejects a flag it does not know); elsewhere, and on other backends, :func:`compile_bound_jit` is
