@@ -486,3 +486,49 @@ def test_reproduce_leaves_out_experiments_not_in_quick_reproduce(tmp_path, monke
     assert (out / "quick" / "slow" / "summary.json").exists() or (
         out / "slow" / "summary.json"
     ).exists()
+
+
+def test_reproduce_starts_each_experiment_with_the_processs_float64_setting(tmp_path, monkeypatch):
+    """An experiment that turns x64 on (as the collapse study does) does not carry it into the next
+    one: each starts as `quartic run NAME` in a fresh process would (the transfer study, float32,
+    measured other numbers after the collapse study before this)."""
+    import jax
+
+    exp = tmp_path / "experiments"
+    exp.mkdir()
+    body = (
+        "import dataclasses, jax\n"
+        "@dataclasses.dataclass(frozen=True)\n"
+        "class Config:\n"
+        "    x: int = 1\n"
+        "    @classmethod\n"
+        "    def quick(cls):\n"
+        "        return cls()\n"
+        "def run(config, out_dir):\n"
+        "    from quartic.harness.runs import RunDir, write_json_atomic\n"
+        "    RunDir(out_dir).write_config(config)\n"
+        "    seen = {'x64': bool(jax.config.jax_enable_x64)}\n"
+        "    jax.config.update('jax_enable_x64', not seen['x64'])  # the experiment flips it\n"
+        "    write_json_atomic(out_dir / 'summary.json', seen)\n"
+        "    return seen\n"
+        "def plot(out_dir, fig_dir):\n"
+        "    return []\n"
+    )
+    for name in ("a_first", "b_second"):
+        (exp / f"{name}.py").write_text(body)
+    monkeypatch.setenv("QUARTIC_EXPERIMENTS_DIR", str(exp))
+    from quartic.harness import cli as cli_module
+
+    before = bool(jax.config.jax_enable_x64)
+    out = tmp_path / "out"
+    try:
+        assert (
+            cli_module.main(["reproduce", "--out", str(out), "--figures", str(tmp_path / "f")]) == 0
+        )
+    finally:
+        jax.config.update("jax_enable_x64", before)  # the last experiment flipped it
+    seen = [
+        json.loads(next(out.rglob(f"{name}/summary.json")).read_text())["x64"]
+        for name in ("a_first", "b_second")
+    ]
+    assert seen == [before, before]

@@ -379,6 +379,12 @@ def _cmd_reproduce(args: argparse.Namespace, ctx: _Context) -> int:
     rows: list[dict[str, Any]] = []
     report: list[dict[str, Any]] = []
     start_all = time.perf_counter()
+    # Each experiment starts with the process's float64 setting as `quartic run NAME` would find
+    # it: one that enables x64 (the collapse study) must not change the next one's arithmetic
+    # (the transfer study, float32, gave other numbers after it).
+    import jax
+
+    x64_at_start = bool(jax.config.jax_enable_x64)
     if quick and not args.only:
         # an experiment whose quick run does not yet fit the quick budget says so with
         # `IN_QUICK_REPRODUCE = False`; it still runs with `--only NAME` or `--full`
@@ -391,6 +397,7 @@ def _cmd_reproduce(args: argparse.Namespace, ctx: _Context) -> int:
         names = [n for n in names if n not in slow]
     for i, name in enumerate(names, 1):
         print(f"== [{i}/{len(names)}] {name} ({mode}) -> {out_root / name}", file=sys.stderr)
+        jax.config.update("jax_enable_x64", x64_at_start)
         entry: dict[str, Any] = {"name": name, "out_dir": str(out_root / name)}
         with compile_cache.CompileClock() as clock:
             try:
