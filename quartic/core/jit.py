@@ -19,6 +19,7 @@ plain ``jax.jit``. The test suite sets the same options for the whole process
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import jax
@@ -49,5 +50,18 @@ def fast_compile_options() -> dict[str, bool | int] | None:
 def compile_bound_jit(fn: Callable, **jit_kwargs) -> Callable:
     """``jax.jit(fn)`` compiled with :func:`fast_compile_options`: for a program that is compiled
     once and runs briefly. Its values are those of ``jax.jit(fn)`` up to the rounding of a
-    different machine code (tests/test_theory_chunked.py compares them)."""
-    return jax.jit(fn, compiler_options=fast_compile_options(), **jit_kwargs)
+    different machine code (tests/test_theory_chunked.py compares them). Called with traced
+    arguments (inside another jit) it is plain ``jax.jit(fn)``: it joins the outer program, whose
+    options apply, and JAX accepts per-program options on top-level programs only."""
+    options = fast_compile_options()
+    plain = jax.jit(fn, **jit_kwargs)
+    if options is None:
+        return plain
+    fast = jax.jit(fn, compiler_options=options, **jit_kwargs)
+
+    @functools.wraps(fn)
+    def call(*args, **kwargs):
+        traced = any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves((args, kwargs)))
+        return (plain if traced else fast)(*args, **kwargs)
+
+    return call

@@ -307,12 +307,7 @@ def taylor_onsets(
         ft_args.check("ft_args")
     else:
         ft_args = tuple(ft_args)
-    # inside another jit (traced inputs) the outer program's options apply: compiler_options are
-    # for top-level programs only
-    traced = any(
-        isinstance(x, jax.core.Tracer) for x in jax.tree.leaves((theta_star, args, ft_args))
-    )
-    fast = not traced and theta_star.shape[0] <= FAST_COMPILE_MAX_PARAMS
+    fast = theta_star.shape[0] <= FAST_COMPILE_MAX_PARAMS
     coeffs, derivs = _taylor_fn(fns, ft_loss_fn, order, fast)(theta_star, args, ft_args)
     return [TaylorOnset(c, derivs) for c in coeffs]
 
