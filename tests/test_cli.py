@@ -447,11 +447,11 @@ def test_ctrl_c_midway_then_resume_via_the_script(tmp_path, capsys):
     _check_resumed(out, reference, log, finished)
 
 
-def test_reproduce_leaves_out_experiments_not_in_quick_reproduce(tmp_path, monkeypatch):
-    exp = tmp_path / "experiments"
-    exp.mkdir()
-    body = (
-        "import dataclasses\n"
+def _experiment_source(summary: str = "{'x': 1}", before: str = "") -> str:
+    """A minimal experiment script whose run() executes ``before`` and writes ``summary`` (a Python
+    expression, evaluated inside run) as its summary."""
+    return (
+        "import dataclasses, jax\n"
         "@dataclasses.dataclass(frozen=True)\n"
         "class Config:\n"
         "    x: int = 1\n"
@@ -461,11 +461,19 @@ def test_reproduce_leaves_out_experiments_not_in_quick_reproduce(tmp_path, monke
         "def run(config, out_dir):\n"
         "    from quartic.harness.runs import RunDir, write_json_atomic\n"
         "    RunDir(out_dir).write_config(config)\n"
-        "    write_json_atomic(out_dir / 'summary.json', {'x': 1})\n"
-        "    return {'x': 1}\n"
+        f"    summary = {summary}\n"
+        f"{before}"
+        "    write_json_atomic(out_dir / 'summary.json', summary)\n"
+        "    return summary\n"
         "def plot(out_dir, fig_dir):\n"
         "    return []\n"
     )
+
+
+def test_reproduce_leaves_out_experiments_not_in_quick_reproduce(tmp_path, monkeypatch):
+    exp = tmp_path / "experiments"
+    exp.mkdir()
+    body = _experiment_source()
     (exp / "fast.py").write_text(body)
     (exp / "slow.py").write_text(body + "IN_QUICK_REPRODUCE = False\n")
     monkeypatch.setenv("QUARTIC_EXPERIMENTS_DIR", str(exp))
@@ -496,23 +504,9 @@ def test_reproduce_starts_each_experiment_with_the_processs_float64_setting(tmp_
 
     exp = tmp_path / "experiments"
     exp.mkdir()
-    body = (
-        "import dataclasses, jax\n"
-        "@dataclasses.dataclass(frozen=True)\n"
-        "class Config:\n"
-        "    x: int = 1\n"
-        "    @classmethod\n"
-        "    def quick(cls):\n"
-        "        return cls()\n"
-        "def run(config, out_dir):\n"
-        "    from quartic.harness.runs import RunDir, write_json_atomic\n"
-        "    RunDir(out_dir).write_config(config)\n"
-        "    seen = {'x64': bool(jax.config.jax_enable_x64)}\n"
-        "    jax.config.update('jax_enable_x64', not seen['x64'])  # the experiment flips it\n"
-        "    write_json_atomic(out_dir / 'summary.json', seen)\n"
-        "    return seen\n"
-        "def plot(out_dir, fig_dir):\n"
-        "    return []\n"
+    body = _experiment_source(  # the experiment flips the flag after reading it
+        "{'x64': bool(jax.config.jax_enable_x64)}",
+        "    jax.config.update('jax_enable_x64', not summary['x64'])\n",
     )
     for name in ("a_first", "b_second"):
         (exp / f"{name}.py").write_text(body)
