@@ -17,6 +17,7 @@ crossover before the validity horizon) exists where t×·λ_max < 1.
 from __future__ import annotations
 
 import dataclasses
+import json
 import pathlib
 import sys
 import time
@@ -49,6 +50,9 @@ class Config:
     bootstrap: int = 2000
     long_steps: int = 1000  # long fine-tuning (harm, retention, overlap); 0 skips it
     long_lr: float = 1e-3  # Adam, as the collapse study
+    # summary.json files of earlier scaling runs whose models join this run's fits and report (a
+    # size comes from one run only); with sizes=() the run only pools them
+    pool: tuple[str, ...] = ()
 
     @classmethod
     def quick(cls) -> Config:
@@ -72,6 +76,11 @@ class Config:
             raise QuarticError(f"taylor_order must be >= 4 (c₄ is read), got {self.taylor_order}")
         if not 0 < self.share < 1:
             raise QuarticError(f"share must lie in (0, 1), got {self.share}")
+        if not self.sizes and not self.pool:
+            raise QuarticError("no sizes to measure and no summaries to pool")
+        for path in self.pool:
+            if not pathlib.Path(path).is_file():
+                raise QuarticError(f"pool: no summary at {path} (a scaling run's summary.json)")
         if self.long_steps < 0 or self.long_lr <= 0:
             raise QuarticError(
                 f"long_steps must be >= 0 and long_lr > 0, got {self.long_steps}, {self.long_lr}"
@@ -141,8 +150,20 @@ def run(config: Config, out_dir: pathlib.Path) -> dict:
     return summary
 
 
+def _pooled_summary(path: str) -> dict:
+    summary = json.loads(pathlib.Path(path).read_text())
+    missing = {"per_size", "rows", "long_records", "unit_seconds"} - set(summary)
+    if missing:
+        raise QuarticError(
+            f"pool: {path} is not a scaling summary (no {', '.join(sorted(missing))})"
+        )
+    return summary
+
+
 def summarize(results: dict, config: Config) -> dict:
-    return report.summarize(results, config.extrapolate_to, config.bootstrap)
+    pooled = [_pooled_summary(path) for path in config.pool]
+    summary = report.summarize(results, config.extrapolate_to, config.bootstrap, pooled)
+    return {**summary, "pooled_from": list(config.pool)} if config.pool else summary
 
 
 def table(summary: dict) -> list[dict]:

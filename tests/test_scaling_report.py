@@ -117,3 +117,72 @@ def test_undefined_correlations_are_null_not_nan():
     assert oh["spearman_fisher_overlap_harm"] is None
     assert oh["spearman_fisher_overlap_harm_ci95"] == [None, None]
     assert oh["spearman_fisher_overlap_du_kl"] == pytest.approx(1.0)  # the KL drift still ranks
+
+
+def _as_json(summary: dict) -> dict:
+    import json
+
+    return json.loads(json.dumps(summary))
+
+
+def test_pooling_summaries_equals_one_run_over_every_model():
+    """A run that pools an earlier run's summary reports what one run over both runs' models
+    would: the per-size entries, the rows, the long-run records, the fits and the verdict."""
+    small = {"a": _unit("2k", 0, [0.1, 0.2, 0.3], [1.0, 2.0, 3.0]),
+             "b": _unit("2k", 1, [0.4, 0.5, 0.6], [4.0, 5.0, 6.0])}  # fmt: skip
+    large = {"c": _unit("30k", 0, [0.1, 0.2, 0.3], [3.0, 2.0, 1.0]),
+             "d": _unit("300k", 0, [0.2, 0.3, 0.1], [2.0, 3.0, 1.0])}  # fmt: skip
+    for i, unit in enumerate((*small.values(), *large.values())):
+        for row in unit["tasks"].values():  # sizes differ, so the fits have something to fit
+            row["t_cross_lambda"] = 3.0 / (1 + i) ** 0.5
+    kw = {"extrapolate_to": (1.7e9,), "bootstrap": 50}
+    whole = _as_json(scaling_report.summarize({**small, **large}, **kw))
+    assert whole["fits"]["t_cross_lambda"]["exponent"] < 0
+    first = _as_json(scaling_report.summarize(small, **kw))
+    assert _as_json(scaling_report.summarize(large, **kw, pooled=[first])) == whole
+    last = _as_json(scaling_report.summarize(large, **kw))  # pooled the other way round
+    assert _as_json(scaling_report.summarize(small, **kw, pooled=[last])) == whole
+    assert _as_json(scaling_report.summarize({}, **kw, pooled=[first, last])) == whole
+
+
+def test_pooling_refuses_a_size_measured_in_two_runs():
+    from quartic.core.errors import QuarticError
+
+    first = scaling_report.summarize({"a": _unit("2k", 0, [0.1, 0.2], [1.0, 2.0])}, bootstrap=10)
+    with pytest.raises(QuarticError, match="size 2k is in two of the pooled runs"):
+        scaling_report.summarize({"b": _unit("2k", 1, [0.1, 0.2], [1.0, 2.0])}, pooled=[first])
+
+
+def test_scaling_config_checks_what_it_pools(tmp_path):
+    from quartic.core.errors import QuarticError
+    from quartic.harness.cli import load_experiment
+
+    exp = load_experiment("scaling")
+    with pytest.raises(QuarticError, match="no summary at"):
+        exp.Config(pool=(str(tmp_path / "missing.json"),))
+    with pytest.raises(QuarticError, match="no sizes to measure"):
+        exp.Config(sizes=())
+    not_scaling = tmp_path / "summary.json"
+    not_scaling.write_text('{"per_size": {}}')
+    with pytest.raises(QuarticError, match="is not a scaling summary"):
+        exp.summarize({}, exp.Config(sizes=(), pool=(str(not_scaling),)))
+
+
+def test_a_pool_only_run_writes_the_pooled_summary(tmp_path):
+    """``sizes=()`` trains nothing: the run's summary is its pooled runs' summary, refitted."""
+    import json
+
+    from quartic.harness.cli import load_experiment
+
+    exp = load_experiment("scaling")
+    units = {"a": _unit("2k", 0, [0.1, 0.2, 0.3], [1.0, 2.0, 3.0]),
+             "c": _unit("30k", 0, [0.1, 0.2, 0.3], [3.0, 2.0, 1.0])}  # fmt: skip
+    earlier = tmp_path / "earlier.json"
+    earlier.write_text(json.dumps(scaling_report.summarize(units, (1.7e9, 3e9), bootstrap=20)))
+    config = exp.Config(sizes=(), pool=(str(earlier),), bootstrap=20)
+    summary = exp.run(config, tmp_path / "pooled")
+    assert summary["pooled_from"] == [str(earlier)] and summary["num_failed"] == 0
+    on_disk = json.loads((tmp_path / "pooled" / "summary.json").read_text())
+    assert {k: v for k, v in on_disk.items() if k not in ("pooled_from", "num_failed")} == (
+        json.loads(earlier.read_text())
+    )

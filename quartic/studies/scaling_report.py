@@ -15,6 +15,7 @@ import pathlib
 
 import numpy as np
 
+from quartic.core.errors import QuarticError
 from quartic.harness import plotting
 from quartic.studies import collapse
 from quartic.studies.scaling import power_law
@@ -39,9 +40,60 @@ def _rows(results: dict) -> list[dict]:
     return rows
 
 
-def summarize(results: dict, extrapolate_to=(1.7e9, 3e9), bootstrap: int = 2000) -> dict:
+def summarize(results: dict, extrapolate_to=(1.7e9, 3e9), bootstrap: int = 2000, pooled=()) -> dict:
     """The summary of the unit results ``{name: unit}`` (each unit one model: its size, seed, n,
-    Fisher spectrum, per-task quantities and, when run, its long fine-tuning records)."""
+    Fisher spectrum, per-task quantities and, when run, its long fine-tuning records).
+
+    ``pooled``: summaries of earlier runs (this function's output) whose models join this one's.
+    Their per-size entries are kept as they were computed (a size comes from one run only), their
+    rows and long-run records join this run's, and the fits and the verdict are made over all of
+    them: the same summary as one run over every model would give.
+    """
+    own = _own_summary(results)
+    sources = [*pooled, own]
+    origin: dict[str, int] = {}
+    for i, source in enumerate(sources):
+        for size in source["per_size"]:
+            if size in origin:
+                raise QuarticError(
+                    f"size {size} is in two of the pooled runs (sources {origin[size]} and {i}); "
+                    "pool runs of different sizes"
+                )
+            origin[size] = i
+    entries = [(size, e) for source in sources for size, e in source["per_size"].items()]
+    per_size = dict(sorted(entries, key=lambda item: item[1]["n"][0]))  # sizes in order of n
+    index = {size: i for i, size in enumerate(per_size)}
+    long_records = sorted(
+        (
+            {**r, "size_index": index[list(source["per_size"])[r["size_index"]]]}
+            for source in sources
+            for r in source["long_records"]
+        ),
+        key=lambda r: r["size_index"],
+    )
+    rows = sorted((r for source in sources for r in source["rows"]), key=lambda r: r["n"])
+    n = np.asarray([x["n"] for x in rows], float)
+    fits = {
+        k: power_law(
+            n,
+            [np.nan if x[k] is None else x[k] for x in rows],
+            extrapolate_to if k in EXTRAPOLATED else (),
+            bootstrap,
+        )
+        for k in (*FITTED, "share_top_d", "effective_rank")
+    }
+    return {
+        "per_size": per_size,
+        "fits": fits,
+        "verdict": verdict(fits.get("t_cross_lambda"), extrapolate_to),
+        "rows": rows,
+        "long_records": long_records,
+        "unit_seconds": {k: v for source in sources for k, v in source["unit_seconds"].items()},
+    }
+
+
+def _own_summary(results: dict) -> dict:
+    """Per-size entries, rows, long-run records and unit times of one run's unit results."""
     rows = _rows(results)
     per_size = {}
     units = sorted(results.values(), key=lambda u: u["n"])
@@ -71,20 +123,8 @@ def summarize(results: dict, extrapolate_to=(1.7e9, 3e9), bootstrap: int = 2000)
         if u["size"] == size
         for t, r in u.get("long", {}).items()
     ]
-    n = np.asarray([x["n"] for x in rows], float)
-    fits = {
-        k: power_law(
-            n,
-            [np.nan if x[k] is None else x[k] for x in rows],
-            extrapolate_to if k in EXTRAPOLATED else (),
-            bootstrap,
-        )
-        for k in (*FITTED, "share_top_d", "effective_rank")
-    }
     return {
         "per_size": per_size,
-        "fits": fits,
-        "verdict": verdict(fits.get("t_cross_lambda"), extrapolate_to),
         "rows": rows,
         "long_records": long_records,
         "unit_seconds": {name: u.get("seconds") for name, u in results.items()},
