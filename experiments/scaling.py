@@ -27,7 +27,7 @@ import jax.numpy as jnp
 
 from quartic.core import cache
 from quartic.core.errors import QuarticError
-from quartic.harness.runs import RunDir, run_sweep, write_json_atomic
+from quartic.harness.runs import RunDir, run_sweep, unit_note, write_json_atomic
 from quartic.studies import collapse, scaling
 from quartic.studies import scaling_report as report
 from quartic.tasks import token_world as tw
@@ -99,12 +99,14 @@ def _measure_model(config: Config, size: str, seed: int) -> dict:
     t0 = time.perf_counter()
     _, setup = scaling.aligned(size, seed)
     seconds = {"theta_star": time.perf_counter() - t0}
+    unit_note(f"θ* ({setup.n:,} parameters) in {seconds['theta_star']:.1f} s")
     t0 = time.perf_counter()
     trace = scaling.exact_trace(setup)
     spectrum, pairs = scaling.fisher_spectrum(
         setup, trace, config.spectrum_k, config.rank, config.share
     )
     seconds["spectrum"] = time.perf_counter() - t0
+    unit_note(f"Fisher trace and top-{config.spectrum_k} spectrum in {seconds['spectrum']:.1f} s")
     tasks = {}
     for task in config.tasks:
         t0 = time.perf_counter()
@@ -119,6 +121,7 @@ def _measure_model(config: Config, size: str, seed: int) -> dict:
             num_times=config.num_times,
         )
         seconds[task] = time.perf_counter() - t0
+        unit_note(f"task {task} (AIC, onset, flow) in {seconds[task]:.1f} s")
     long = {}
     if config.long_steps:
         basis, eig_top = (
@@ -131,6 +134,9 @@ def _measure_model(config: Config, size: str, seed: int) -> dict:
                 setup, task, basis, eig_top, config.long_steps, config.long_lr, seed
             )
         seconds["long"] = time.perf_counter() - t0
+        unit_note(
+            f"long fine-tuning, {config.long_steps} steps per task, in {seconds['long']:.1f} s"
+        )
     return {"size": size, "seed": seed, "n": setup.n, "spectrum": spectrum, "tasks": tasks,
             "long": long, "seconds": seconds}  # fmt: skip
 

@@ -162,6 +162,26 @@ def test_sweep_runs_every_unit_and_records_it(tmp_path, capsys):
     assert len(log) == 3 and log[0].startswith("demo: [1/3] a done") and "eta" in log[0]
 
 
+def test_unit_notes_name_their_unit_and_stop_with_it(tmp_path, capsys):
+    from quartic.harness.runs import unit_note
+
+    def unit():
+        unit_note("stage one took 1.0 s")
+        return {"value": 1.0}
+
+    def failing():
+        unit_note("stage one took 2.0 s")
+        raise DivergenceError("diverged", partial={})
+
+    run_sweep([("first", unit), ("second", failing)], tmp_path, desc="demo")
+    unit_note("after the sweep")
+    log = capsys.readouterr().err.splitlines()
+    assert log[0] == "demo: first: stage one took 1.0 s"
+    assert log[1].startswith("demo: [1/2] first done")
+    assert log[2] == "demo: second: stage one took 2.0 s"
+    assert log[-1] == "after the sweep"  # outside a sweep: plain, no unit named
+
+
 def test_sweep_skips_finished_units(tmp_path, capsys):
     calls = []
     run_sweep(_units(calls, {"a": 1.0, "b": 2.0}), tmp_path)

@@ -49,6 +49,7 @@ __all__ = [
     "read_jsonl",
     "run_sweep",
     "to_jsonable",
+    "unit_note",
     "write_json_atomic",
     "write_jsonl_atomic",
 ]
@@ -425,6 +426,19 @@ class _Progress:
             self.bar.close()
 
 
+_ACTIVE: list[tuple[_Progress, str]] = []  # the sweep's progress and the unit now running
+
+
+def unit_note(text: str) -> None:
+    """One line of progress from inside a long unit (a stage finished, with its time), as
+    ``desc: unit: text`` beside the sweep's own lines; outside :func:`run_sweep`, plain stderr."""
+    if _ACTIVE:
+        progress, name = _ACTIVE[-1]
+        progress._line(f"{name}: {text}")
+    else:
+        print(text, file=sys.stderr, flush=True)
+
+
 def _fmt_s(seconds: float) -> str:
     if seconds < 60:
         return f"{seconds:.1f} s"
@@ -481,6 +495,7 @@ def run_sweep(
             if name in records:
                 continue
             start = time.perf_counter()
+            _ACTIVE.append((progress, name))
             try:
                 result = fn()
             except DivergenceError as e:
@@ -498,6 +513,8 @@ def run_sweep(
                     record = {"status": "failed", "reason": reason, "partial": result}
                 else:
                     record = {"status": "done", "result": result}
+            finally:
+                _ACTIVE.pop()
             seconds = time.perf_counter() - start
             record = {"name": name, **record, "seconds": seconds}
             run_dir.write_unit(name, record)
