@@ -242,6 +242,22 @@ def world():
     return lang, data.test, table, params
 
 
+@pytest.mark.parametrize("per_forward", [1, 3, 7, 20])
+def test_deletion_ranking_in_groups_of_positions_equals_one_forward(world, per_forward):
+    """Masking a few positions per forward (3 and 7 do not divide T = 20) ranks as masking all T
+    in one forward of B·T rows: the same order, and drops equal to float64 rounding."""
+    _, test, table, params = world
+    tokens, labels = jnp.asarray(test["tokens"]), jnp.asarray(test["labels"])
+    whole = wir_order(params, tokens, labels, table, embed_fn, logits_fn)
+    grouped = wir_order(
+        params, tokens, labels, table, embed_fn, logits_fn, positions_per_forward=per_forward
+    )
+    assert tokens.shape[1] == 20
+    np.testing.assert_array_equal(grouped[0], whole[0])  # order
+    np.testing.assert_array_equal(grouped[1], whole[1])  # n_eligible
+    np.testing.assert_allclose(grouped[2], whole[2], rtol=1e-12, atol=1e-15)  # drop
+
+
 def reference_attack(params, tokens, label, lang, config):
     """The attack of the module docstring, written plainly for one example: A2T, or the deletion
     ranking (``config.method == "wir"``) whose masked sequences are queries."""

@@ -293,11 +293,13 @@ def wir_order(
     logits_fn: LogitsFn,
     max_candidates: int | None = None,
     mask_token: int = 0,
+    positions_per_forward: int | None = None,
 ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
     """Deletion word-importance ranking (TextFooler / TextAttack ``wir_method="delete"``).
 
-    Every position ``t`` of every example is masked (``mask_token``) in one forward of ``B * T``
-    rows; eligible positions (perturbable with >= 1 candidate) are ordered by decreasing drop of
+    Every position ``t`` of every example is masked (``mask_token``), ``positions_per_forward``
+    positions at a time (``None``: all ``T`` in one forward of ``B * T`` rows; the attack passes
+    its candidate count, so no ranking forward is larger than a candidate step's); eligible positions (perturbable with >= 1 candidate) are ordered by decreasing drop of
     the true-class probability, read from the masked log-probability (the same order), ties to
     the earlier position.
 
@@ -309,11 +311,17 @@ def wir_order(
     """
     b, t = tokens.shape
     logits = logits_fn(params, embed_fn(params, tokens), tokens)
-    masked = jnp.where(jnp.eye(t, dtype=bool)[None], jnp.int32(mask_token), tokens[:, None, :])
-    flat = masked.reshape(b * t, t)  # row (i, s): example i with position s masked
-    masked_logp = jax.nn.log_softmax(logits_fn(params, embed_fn(params, flat), flat), axis=-1)
-    masked_true = jnp.take_along_axis(masked_logp.reshape(b, t, -1), labels[:, None, None], axis=2)
-    masked_true = masked_true[..., 0]  # [B, T]
+    positions = jnp.arange(t, dtype=jnp.int32)
+
+    def masked_true_logp(s):  # [B]: log p(true | example with position s masked)
+        masked = jnp.where(positions[None, :] == s, jnp.int32(mask_token), tokens)
+        logp = jax.nn.log_softmax(logits_fn(params, embed_fn(params, masked), masked), axis=-1)
+        return jnp.take_along_axis(logp, labels[:, None], axis=1)[:, 0]
+
+    # ``positions_per_forward`` positions at a time: B·T masked rows in one forward held 18 GiB
+    # for 512 rows of 64 tokens; the attack's own steps run B·K rows.
+    group = min(t, positions_per_forward or t)
+    masked_true = jax.lax.map(masked_true_logp, positions, batch_size=group).T  # [B, T]
     clean_true = jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1), labels[:, None], axis=1)
     drop = jnp.exp(clean_true) - jnp.exp(masked_true)
     # the lower p(true) without t, the larger the drop
@@ -356,7 +364,7 @@ def greedy_attack(
     rank_fn = wir_order if wir else importance_order
     order, n_eligible, _, clean_logits = rank_fn(
         params, tokens, labels, table, embed_fn, logits_fn, config.max_candidates,
-        **({"mask_token": config.mask_token} if wir else {}),
+        **({"mask_token": config.mask_token, "positions_per_forward": k} if wir else {}),
     )  # fmt: skip
     clean_logp = jax.nn.log_softmax(clean_logits, axis=-1)
     correct = jnp.argmax(clean_logp, axis=-1).astype(jnp.int32) == labels
