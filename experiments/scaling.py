@@ -12,6 +12,9 @@ extrapolated to 1.7e9 and 3e9 parameters with a prediction interval. The quartic
 crossover before the validity horizon) exists where t×·λ_max < 1.
 
     quartic run scaling --quick      # 2k, 30k, 100k; one seed; three tasks
+    quartic run scaling --set sizes=1m seeds=0 --out DIR          # one more size, its own run
+    quartic run scaling --set sizes= pool=A/summary.json,DIR/summary.json --out POOLED
+                                     # refit every model of earlier runs together, train nothing
 """
 
 from __future__ import annotations
