@@ -258,6 +258,13 @@ def test_deletion_ranking_in_groups_of_positions_equals_one_forward(world, per_f
     np.testing.assert_allclose(grouped[2], whole[2], rtol=1e-12, atol=1e-15)  # drop
 
 
+def test_deletion_ranking_refuses_an_empty_group(world):
+    _, test, table, params = world
+    with pytest.raises(QuarticError, match="positions_per_forward=0"):
+        wir_order(params, jnp.asarray(test["tokens"]), jnp.asarray(test["labels"]), table,
+                  embed_fn, logits_fn, positions_per_forward=0)  # fmt: skip
+
+
 def reference_attack(params, tokens, label, lang, config):
     """The attack of the module docstring, written plainly for one example: A2T, or the deletion
     ranking (``config.method == "wir"``) whose masked sequences are queries."""

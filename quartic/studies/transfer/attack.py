@@ -299,9 +299,10 @@ def wir_order(
 
     Every position ``t`` of every example is masked (``mask_token``), ``positions_per_forward``
     positions at a time (``None``: all ``T`` in one forward of ``B * T`` rows; the attack passes
-    its candidate count, so no ranking forward is larger than a candidate step's); eligible positions (perturbable with >= 1 candidate) are ordered by decreasing drop of
-    the true-class probability, read from the masked log-probability (the same order), ties to
-    the earlier position.
+    its candidate count, so no ranking forward is larger than a candidate step's). Eligible
+    positions (perturbable with >= 1 candidate) are ordered by decreasing drop of the true-class
+    probability, read from the masked log-probability (the same order), ties to the earlier
+    position.
 
     Returns:
       ``(order, n_eligible, drop, logits)`` as :func:`importance_order`: ``order`` ``int32[B, T]``
@@ -309,7 +310,9 @@ def wir_order(
       ``p(true | x) − p(true | x with t masked)`` (ineligible positions included); ``logits``
       ``[B, C]`` are the clean logits.
     """
-    b, t = tokens.shape
+    t = tokens.shape[1]
+    if positions_per_forward is not None and positions_per_forward < 1:
+        raise QuarticError(f"positions_per_forward={positions_per_forward}: need at least 1.")
     logits = logits_fn(params, embed_fn(params, tokens), tokens)
     positions = jnp.arange(t, dtype=jnp.int32)
 
@@ -318,8 +321,8 @@ def wir_order(
         logp = jax.nn.log_softmax(logits_fn(params, embed_fn(params, masked), masked), axis=-1)
         return jnp.take_along_axis(logp, labels[:, None], axis=1)[:, 0]
 
-    # ``positions_per_forward`` positions at a time: B·T masked rows in one forward held 18 GiB
-    # for 512 rows of 64 tokens; the attack's own steps run B·K rows.
+    # ``positions_per_forward`` positions at a time: all B·T masked rows in one forward held
+    # 18 GiB for 300 rows of 64 tokens on 3 models; the attack's own steps run B·K rows.
     group = min(t, positions_per_forward or t)
     masked_true = jax.lax.map(masked_true_logp, positions, batch_size=group).T  # [B, T]
     clean_true = jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1), labels[:, None], axis=1)
