@@ -186,3 +186,16 @@ def test_a_pool_only_run_writes_the_pooled_summary(tmp_path):
     assert {k: v for k, v in on_disk.items() if k not in ("pooled_from", "num_failed")} == (
         json.loads(earlier.read_text())
     )
+
+
+def test_pooling_the_committed_full_run_alone_reproduces_its_fits():
+    """The committed 2k-100k summary, pooled by itself, gives back its own fits and verdict: the
+    pooled 2k-1M summaries next to it were refitted from exactly these rows."""
+    import json
+    import pathlib
+
+    path = pathlib.Path(__file__).parents[1] / "results" / "full" / "scaling" / "summary.json"
+    committed = json.loads(path.read_text())
+    again = _as_json(scaling_report.summarize({}, (1.7e9, 3e9), 2000, pooled=[committed]))
+    for key in ("per_size", "fits", "verdict", "rows", "long_records"):
+        assert again[key] == committed[key], key

@@ -63,10 +63,11 @@ def summarize(results: dict, extrapolate_to=(1.7e9, 3e9), bootstrap: int = 2000,
     entries = [(size, e) for source in sources for size, e in source["per_size"].items()]
     per_size = dict(sorted(entries, key=lambda item: item[1]["n"][0]))  # sizes in order of n
     index = {size: i for i, size in enumerate(per_size)}
-    long_records = sorted(
+    long_records = sorted(  # each source's size_index renumbered into the pooled order
         (
-            {**r, "size_index": index[list(source["per_size"])[r["size_index"]]]}
+            {**r, "size_index": index[sizes[r["size_index"]]]}
             for source in sources
+            for sizes in [list(source["per_size"])]
             for r in source["long_records"]
         ),
         key=lambda r: r["size_index"],
