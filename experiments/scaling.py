@@ -53,8 +53,9 @@ class Config:
     bootstrap: int = 2000
     long_steps: int = 1000  # long fine-tuning (harm, retention, overlap); 0 skips it
     long_lr: float = 1e-3  # Adam, as the collapse study
-    # summary.json files of earlier scaling runs whose models join this run's fits and report (a
-    # size comes from one run only); with sizes=() the run only pools them
+    # summary.json files of earlier scaling runs whose models join this run's fits and report (other
+    # sizes, or other seeds of a size; a model comes from one run only); with sizes=() the run only
+    # pools them. Their config.json, where kept, must agree on how each model is measured.
     pool: tuple[str, ...] = ()
 
     @classmethod
@@ -159,18 +160,32 @@ def run(config: Config, out_dir: pathlib.Path) -> dict:
     return summary
 
 
-def _pooled_summary(path: str) -> dict:
+# what a pooled run must share with this one: how each model is measured (the long fine-tuning's
+# settings too, where both runs fine-tune)
+MEASURED_ALIKE = ("rank", "share", "spectrum_k", "taylor_order", "num_times")
+
+
+def _pooled_summary(path: str, config: Config) -> dict:
     summary = json.loads(pathlib.Path(path).read_text())
     missing = {"per_size", "rows", "long_records", "unit_seconds"} - set(summary)
     if missing:
         raise QuarticError(
             f"pool: {path} is not a scaling summary (no {', '.join(sorted(missing))})"
         )
+    saved = pathlib.Path(path).with_name("config.json")
+    if saved.is_file():
+        other = json.loads(saved.read_text())
+        keys = [*MEASURED_ALIKE, *(("long_steps", "long_lr") if config.long_steps and
+                                   other.get("long_steps") else ())]  # fmt: skip
+        differ = [k for k in keys if k in other and other[k] != getattr(config, k)]
+        if differ:
+            shown = ", ".join(f"{k}: {other[k]} there, {getattr(config, k)} here" for k in differ)
+            raise QuarticError(f"pool: {path} measured its models otherwise ({shown})")
     return summary
 
 
 def summarize(results: dict, config: Config) -> dict:
-    pooled = [_pooled_summary(path) for path in config.pool]
+    pooled = [_pooled_summary(path, config) for path in config.pool]
     summary = report.summarize(results, config.extrapolate_to, config.bootstrap, pooled)
     return {**summary, "pooled_from": list(config.pool)} if config.pool else summary
 

@@ -145,15 +145,43 @@ def test_pooling_summaries_equals_one_run_over_every_model():
     assert _as_json(scaling_report.summarize({}, **kw, pooled=[first, last])) == whole
 
 
-def test_pooling_refuses_a_size_measured_in_two_runs():
+def test_pooling_splits_of_one_size_by_seed_equals_one_run():
+    """Seeds of one size measured in different runs pool into the entry one run over all of them
+    gives (its medians, its overlap-harm ρ over every long run), in either order."""
+    a, b = (
+        _unit("2k", 0, [0.1, 0.2, 0.3], [1.0, 2.0, 3.0]),
+        _unit("2k", 1, [0.4, 0.5, 0.6], [4.0, 6.0, 5.0]),
+    )
+    c = _unit("30k", 0, [0.1, 0.2, 0.3], [3.0, 2.0, 1.0])
+    b["tasks"]["task1"]["t_cross_lambda"] = 7.0  # so the median is a median of both seeds
+    kw = {"extrapolate_to": (1.7e9,), "bootstrap": 50}
+    whole = _as_json(scaling_report.summarize({"a": a, "b": b, "c": c}, **kw))
+    entry = whole["per_size"]["2k"]
+    assert entry["seeds"] == [0, 1] and entry["overlap_harm"]["n"] == 6
+    assert entry["t_cross_lambda"] == [3.0, 3.0, 7.0]
+    seed0 = _as_json(scaling_report.summarize({"a": a, "c": c}, **kw))
+    seed1 = _as_json(scaling_report.summarize({"b": b}, **kw))
+    assert _as_json(scaling_report.summarize({"b": b}, **kw, pooled=[seed0])) == whole
+    assert _as_json(scaling_report.summarize({"a": a, "c": c}, **kw, pooled=[seed1])) == whole
+    assert _as_json(scaling_report.summarize({}, **kw, pooled=[seed1, seed0])) == whole
+
+
+def test_pooling_refuses_a_model_measured_in_two_runs():
     from quartic.core.errors import QuarticError
 
     first = scaling_report.summarize({"a": _unit("2k", 0, [0.1, 0.2], [1.0, 2.0])}, bootstrap=10)
-    with pytest.raises(QuarticError, match="size 2k is in two of the pooled runs"):
-        scaling_report.summarize({"b": _unit("2k", 1, [0.1, 0.2], [1.0, 2.0])}, pooled=[first])
+    with pytest.raises(QuarticError, match=r"size 2k, seed\(s\) \[0\], are in two"):
+        scaling_report.summarize({"b": _unit("2k", 0, [0.1, 0.2], [1.0, 2.0])}, pooled=[first])
+    old = _as_json(first)  # a summary written before seeds could be pooled
+    del old["per_size"]["2k"]["seeds"]
+    with pytest.raises(QuarticError, match="predates pooling seeds"):
+        scaling_report.summarize({"b": _unit("2k", 1, [0.1, 0.2], [1.0, 2.0])}, pooled=[old])
 
 
 def test_scaling_config_checks_what_it_pools(tmp_path):
+    import dataclasses
+    import json
+
     from quartic.core.errors import QuarticError
     from quartic.harness.cli import load_experiment
 
@@ -166,6 +194,15 @@ def test_scaling_config_checks_what_it_pools(tmp_path):
     not_scaling.write_text('{"per_size": {}}')
     with pytest.raises(QuarticError, match="is not a scaling summary"):
         exp.summarize({}, exp.Config(sizes=(), pool=(str(not_scaling),)))
+    quick = tmp_path / "quick"  # a run whose models were measured otherwise: the quick config
+    quick.mkdir()
+    unit = _unit("2k", 0, [0.1, 0.2, 0.3], [1.0, 2.0, 3.0])
+    (quick / "summary.json").write_text(json.dumps(scaling_report.summarize({"a": unit})))
+    (quick / "config.json").write_text(json.dumps(dataclasses.asdict(exp.Config.quick())))
+    pool = (str(quick / "summary.json"),)
+    with pytest.raises(QuarticError, match="taylor_order: 4 there, 6 here, long_steps: 300 there"):
+        exp.summarize({}, exp.Config(sizes=(), pool=pool))
+    assert exp.summarize({}, exp.Config(sizes=(), pool=pool, long_steps=0, taylor_order=4))
 
 
 def test_a_pool_only_run_writes_the_pooled_summary(tmp_path):

@@ -23,6 +23,7 @@ from quartic.studies.scaling import power_law
 FITTED = ("ortho_ratio", "t_cross_lambda", "gamma_fisher", "lambda_d", "ortho_ratio_d_share")
 EXTRAPOLATED = ("t_cross_lambda", "ortho_ratio")
 LONG_KEYS = ("harmfulness", "retention", "du_kl", "fisher_overlap")
+FINAL_KEYS = (*LONG_KEYS, "overlap")  # a long run's final values that its record keeps
 
 
 def _min_median_max(values) -> list[float] | None:
@@ -44,35 +45,38 @@ def summarize(results: dict, extrapolate_to=(1.7e9, 3e9), bootstrap: int = 2000,
     """The summary of the unit results ``{name: unit}`` (each unit one model: its size, seed, n,
     Fisher spectrum, per-task quantities and, when run, its long fine-tuning records).
 
-    ``pooled``: summaries of earlier runs (this function's output) whose models join this one's.
-    Their per-size entries are kept as they were computed (a size comes from one run only), their
-    rows and long-run records join this run's, and the fits and the verdict are made over all of
-    them: the same summary as one run over every model would give.
+    ``pooled``: summaries of earlier runs (this function's output) whose models join this one's:
+    the same summary as one run over every model would give. A size measured in one run only keeps
+    its per-size entry as it was computed; a size measured in several (other seeds) gets its entry
+    recomputed from their rows, spectra and long-run records together. A (size, seed) may come from
+    one run only.
     """
     own = _own_summary(results)
     sources = [*pooled, own]
-    origin: dict[str, int] = {}
+    found: dict[str, list[int]] = {}
     for i, source in enumerate(sources):
         for size in source["per_size"]:
-            if size in origin:
-                raise QuarticError(
-                    f"size {size} is in two of the pooled runs (sources {origin[size]} and {i}); "
-                    "pool runs of different sizes"
-                )
-            origin[size] = i
-    entries = [(size, e) for source in sources for size, e in source["per_size"].items()]
-    per_size = dict(sorted(entries, key=lambda item: item[1]["n"][0]))  # sizes in order of n
-    index = {size: i for i, size in enumerate(per_size)}
-    long_records = sorted(  # each source's size_index renumbered into the pooled order
-        (
-            {**r, "size_index": index[sizes[r["size_index"]]]}
-            for source in sources
-            for sizes in [list(source["per_size"])]
-            for r in source["long_records"]
-        ),
-        key=lambda r: r["size_index"],
+            found.setdefault(size, []).append(i)
+    rows = sorted(
+        (r for source in sources for r in source["rows"]), key=lambda r: (r["n"], r["seed"])
     )
-    rows = sorted((r for source in sources for r in source["rows"]), key=lambda r: r["n"])
+    finals = {size: [] for size in found}  # the long-run records of each size, all sources
+    for source in sources:
+        sizes = list(source["per_size"])
+        for r in source["long_records"]:
+            finals[sizes[r["size_index"]]].append(r)
+    per_size = {}
+    for size, where in found.items():
+        if len(where) == 1:
+            per_size[size] = sources[where[0]]["per_size"][size]
+        else:
+            per_size[size] = _merged_entry(size, [sources[i] for i in where], rows, finals[size])
+    per_size = dict(sorted(per_size.items(), key=lambda item: item[1]["n"][0]))  # in order of n
+    index = {size: i for i, size in enumerate(per_size)}
+    long_records = sorted(  # renumbered into the pooled order of sizes
+        ({**r, "size_index": index[size]} for size, rs in finals.items() for r in rs),
+        key=lambda r: (r["size_index"], r["seed"]),
+    )
     n = np.asarray([x["n"] for x in rows], float)
     fits = {
         k: power_law(
@@ -93,37 +97,83 @@ def summarize(results: dict, extrapolate_to=(1.7e9, 3e9), bootstrap: int = 2000,
     }
 
 
+def _merged_entry(size: str, sources: list[dict], rows: list[dict], finals: list[dict]) -> dict:
+    """The per-size entry of a size that several pooled runs measured, each with other seeds."""
+    models = []
+    for source in sources:
+        e = source["per_size"][size]
+        if "seeds" not in e or any("overlap" not in r for r in source["long_records"]):
+            raise QuarticError(
+                f"size {size} is in several of the pooled runs, and one of their summaries "
+                "predates pooling seeds (no per-size seeds or long-run overlap); rerun that run's "
+                "command to rewrite its summary from its units"
+            )
+        models.extend(zip(e["seeds"], e["n"], e["spectrum"], strict=True))
+    seeds = [m[0] for m in models]
+    twice = sorted({s for s in seeds if seeds.count(s) > 1})
+    if twice:
+        raise QuarticError(
+            f"size {size}, seed(s) {twice}, are in two of the pooled runs; a model may come from "
+            "one run only"
+        )
+    if len({m[1] for m in models}) > 1:
+        raise QuarticError(f"size {size} has different parameter counts in the pooled runs")
+    models.sort(key=lambda m: m[0])
+    n = models[0][1]
+    return _size_entry(
+        [{"seed": s, "n": k, "spectrum": spec} for s, k, spec in models],
+        [r for r in rows if r["n"] == n],
+        sorted(finals, key=lambda r: r["seed"]),
+    )
+
+
+def _size_entry(models: list[dict], rows: list[dict], finals: list[dict]) -> dict:
+    """One size's entry from its models (seed, n, spectrum), their task rows and the final values
+    of their long fine-tuning runs."""
+    pick = lambda k: [x[k] for x in rows if x[k] is not None]  # noqa: E731
+    entry = {
+        "n": [m["n"] for m in models],
+        "seeds": [m["seed"] for m in models],
+        "spectrum": [m["spectrum"] for m in models],
+    }
+    for k in (*FITTED, "random_ortho_ratio", "random_ortho_ratio_d_share",
+              "forecast_max_rel_error", "flow_onset_slope", "c4_over_gamma_f"):  # fmt: skip
+        entry[k] = _min_median_max(pick(k))
+    entry["onset_orders"] = sorted({x["onset_order"] for x in rows if x["onset_order"]})
+    if finals:
+        entry["long"] = {k: _min_median_max([r[k] for r in finals]) for k in LONG_KEYS}
+        runs = [{**r, **{k: [r[k]] for k in FINAL_KEYS}} for r in finals]  # as one-step runs
+        entry["overlap_harm"] = collapse.overlap_harm(runs) if len(runs) >= 3 else None
+    return entry
+
+
 def _own_summary(results: dict) -> dict:
     """Per-size entries, rows, long-run records and unit times of one run's unit results."""
-    rows = _rows(results)
-    per_size = {}
-    units = sorted(results.values(), key=lambda u: u["n"])
-    for size in dict.fromkeys(u["size"] for u in units):  # sizes in order of n
-        group = [u for u in units if u["size"] == size]
-        r = [x for x in rows if x["n"] == group[0]["n"]]
-        pick = lambda k, r=r: [x[k] for x in r if x[k] is not None]  # noqa: E731
-        entry = per_size[size] = {
-            "n": [u["n"] for u in group],
-            "spectrum": [
-                {k: v for k, v in u["spectrum"].items() if k != "eigenvalues"} for u in group
-            ],
-        }
-        for k in (*FITTED, "random_ortho_ratio", "random_ortho_ratio_d_share",
-                  "forecast_max_rel_error", "flow_onset_slope", "c4_over_gamma_f"):  # fmt: skip
-            entry[k] = _min_median_max(pick(k))
-        entry["onset_orders"] = sorted({x["onset_order"] for x in r if x["onset_order"]})
-        longs = [t for u in group for t in u.get("long", {}).values()]  # long fine-tuning
-        if longs:
-            finals = {k: [t[k][-1] for t in longs] for k in LONG_KEYS}
-            entry["long"] = {k: _min_median_max(v) for k, v in finals.items()}
-            entry["overlap_harm"] = collapse.overlap_harm(longs) if len(longs) >= 3 else None
+    units = sorted(results.values(), key=lambda u: (u["n"], u["seed"]))
+    rows = sorted(_rows(results), key=lambda r: (r["n"], r["seed"]))
+    sizes = list(dict.fromkeys(u["size"] for u in units))  # in order of n
     long_records = [
-        {"size_index": i, "task": t, "seed": u["seed"], **{k: r[k][-1] for k in LONG_KEYS}}
-        for i, size in enumerate(per_size)
-        for u in results.values()
+        {"size_index": i, "task": t, "seed": u["seed"], **{k: r[k][-1] for k in FINAL_KEYS}}
+        for i, size in enumerate(sizes)
+        for u in units
         if u["size"] == size
         for t, r in u.get("long", {}).items()
     ]
+    per_size = {}
+    for i, size in enumerate(sizes):
+        group = [u for u in units if u["size"] == size]
+        per_size[size] = _size_entry(
+            [
+                {
+                    "seed": u["seed"],
+                    "n": u["n"],
+                    "spectrum": {k: v for k, v in u["spectrum"].items() if k != "eigenvalues"},
+                }
+                for u in group
+            ],  # fmt: skip
+            [x for x in rows if x["n"] == group[0]["n"]],
+            [r for r in long_records if r["size_index"] == i],
+        )
     return {
         "per_size": per_size,
         "rows": rows,
