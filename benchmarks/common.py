@@ -11,7 +11,6 @@ import contextlib
 import os
 import platform
 import statistics
-import subprocess
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -22,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from quartic.harness import provenance
 from quartic.models import Transformer, TransformerConfig, count_params, functional
 
 VOCAB, SEQ = 32, 16  # the token world's scale (vocab ~30, seq_len 12-16)
@@ -157,28 +157,16 @@ def device_name() -> str:
 
 
 def machine_info() -> dict:
-    info = {
+    """The benchmark's device name and platform beside the environment every quartic run records
+    (:func:`quartic.harness.provenance.environment`: versions, backend, CPU model and ISA, commit)."""
+    env = provenance.environment()
+    return {
         "device": device_name(),
-        "jax": jax.__version__,
-        "backend": jax.default_backend(),
         "devices": [str(d) for d in jax.devices()],
-        "cpu_count": os.cpu_count(),
-        "python": platform.python_version(),
         "platform": platform.platform(),
+        **env,
+        "git_commit": env["quartic_commit"],
     }
-    try:
-        with open("/proc/cpuinfo") as f:
-            names = [ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")]
-        info["cpu_model"] = names[0] if names else None
-    except OSError:
-        info["cpu_model"] = None
-    try:
-        info["git_commit"] = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False
-        ).stdout.strip()
-    except OSError:
-        info["git_commit"] = None
-    return info
 
 
 # ----------------------------------------------------------------------------------------------

@@ -3,7 +3,8 @@
     python benchmarks/compare_summaries.py A/summary.json B/summary.json [--rtol 0]
 
 Prints how many numbers differ (beyond ``rtol`` relative) and the first of them; keys named
-``*seconds*`` are timings and not compared. Used for the claims that ``quartic reproduce``'s
+``*seconds*`` are timings and ``environments`` (which machines computed the run) is provenance:
+neither is compared. Used for the claims that ``quartic reproduce``'s
 transfer quick run equals the standalone one, and that the rerun WIR study differs from the
 committed one (docs/results.md, docs/performance.md).
 """
@@ -16,7 +17,8 @@ import math
 
 
 def differences(a, b, rtol: float = 0.0, path: str = "") -> list[tuple[str, object, object]]:
-    if "seconds" in path.rsplit(".", 1)[-1]:
+    last = path.rsplit(".", 1)[-1]
+    if "seconds" in last or last == "environments":
         return []
     if isinstance(a, dict) and isinstance(b, dict):
         out = []

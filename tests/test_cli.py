@@ -412,7 +412,11 @@ def _check_resumed(out, reference, log, finished):
         got = read_json(out / "units" / f"{name}.json")
         want = read_json(reference / "units" / f"{name}.json")
         assert got["status"] == "done" and got["result"] == want["result"]
-    assert read_json(out / "summary.json") == read_json(reference / "summary.json")
+    got, want = read_json(out / "summary.json"), read_json(reference / "summary.json")
+    # the units came from two processes (the killed one and this one), each named in the summary
+    assert sorted(u for e in got.pop("environments") for u in e["units"]) == sorted(after)
+    want.pop("environments")
+    assert got == want
     assert read_jsonl(out / "metrics.jsonl") == read_jsonl(reference / "metrics.jsonl")
 
 
@@ -468,6 +472,29 @@ def _experiment_source(summary: str = "{'x': 1}", before: str = "") -> str:
         "def plot(out_dir, fig_dir):\n"
         "    return []\n"
     )
+
+
+def test_run_lists_the_environments_that_computed_its_units(tmp_path, monkeypatch):
+    """``quartic run`` adds to summary.json which environment computed which unit (a run without
+    units: the one that ran it)."""
+    exp = tmp_path / "experiments"
+    exp.mkdir()
+    sweep = "    from quartic.harness.runs import run_sweep\n    run_sweep({'u1': lambda: {'v': 1}, 'u2': lambda: {'v': 2}}, out_dir)\n"
+    (exp / "swept.py").write_text(_experiment_source(before=sweep))
+    (exp / "plain.py").write_text(_experiment_source())
+    monkeypatch.setenv("QUARTIC_EXPERIMENTS_DIR", str(exp))
+    from quartic.harness import cli as cli_module
+    from quartic.harness import provenance
+
+    for name in ("swept", "plain"):
+        assert cli_module.main(["run", name, "--out", str(tmp_path / name)]) == 0
+    swept = json.loads((tmp_path / "swept" / "summary.json").read_text())
+    assert swept["x"] == 1
+    assert swept["environments"] == [
+        {"environment": provenance.environment(), "units": ["u1", "u2"]}
+    ]
+    plain = json.loads((tmp_path / "plain" / "summary.json").read_text())
+    assert plain["environments"] == [{"environment": provenance.environment(), "units": []}]
 
 
 def test_reproduce_leaves_out_experiments_not_in_quick_reproduce(tmp_path, monkeypatch):

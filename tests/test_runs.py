@@ -281,3 +281,29 @@ def test_divergence_error_keeps_partial_results_across_pickling():
     back = pickle.loads(pickle.dumps(error))
     assert str(back) == "lr too large" and back.partial == {"losses": [1.0, 4.0]}
     assert DivergenceError("x").partial == {}
+
+
+def test_each_unit_record_names_the_environment_that_computed_it(tmp_path, monkeypatch):
+    """Float32 results differ between CPUs (quartic.harness.provenance), so every unit record says
+    where it was computed; a resumed run on other settings shows as a second environment."""
+    import jax
+
+    from quartic.harness import provenance
+
+    run_sweep(_units([], {"a": 1.0}), tmp_path)
+    monkeypatch.setenv("XLA_FLAGS", "--xla_cpu_max_isa=AVX2")  # read per unit, not per process
+    run_sweep(_units([], {"a": 1.0, "b": 2.0}), tmp_path)  # resumes: only b runs here
+    units = RunDir(tmp_path).units()
+    first, second = units["a"]["environment"], units["b"]["environment"]
+    assert second["xla_flags"] == "--xla_cpu_max_isa=AVX2" != first["xla_flags"]
+    assert {k: v for k, v in first.items() if k != "xla_flags"} == {
+        k: v for k, v in second.items() if k != "xla_flags"
+    }
+    assert (first["jax"], first["backend"]) == (jax.__version__, jax.default_backend())
+    assert first["cpu_count"] == os.cpu_count() and first["device_count"] == len(jax.devices())
+    assert provenance.summary_environments(units) == [
+        {"environment": first, "units": ["a"]},
+        {"environment": second, "units": ["b"]},
+    ]
+    old = {"a": {"status": "done"}, "b": units["b"]}  # a record written before environments
+    assert provenance.summary_environments(old)[0] == {"environment": None, "units": ["a"]}

@@ -79,7 +79,7 @@ from typing import Any
 
 from quartic.core import cache
 from quartic.core.errors import DivergenceError, QuarticError
-from quartic.harness import compile_cache, diagnose_command
+from quartic.harness import compile_cache, diagnose_command, provenance
 from quartic.harness.config import apply_overrides
 from quartic.harness.runs import RunDir, _fmt_s, write_json_atomic
 
@@ -264,9 +264,19 @@ def run_experiment(
                 f"{e} (partial results in {out / 'partial.json'})", e.partial
             ) from e
         raise
-    if summary is None and RunDir(out).summary_path.exists():
-        summary = RunDir(out).read_summary()
+    if summary is None and run_dir.summary_path.exists():
+        summary = run_dir.read_summary()
+    if run_dir.summary_path.exists():  # which machines computed the units (provenance's docstring)
+        environments = _environments(run_dir)
+        run_dir.write_summary({**run_dir.read_summary(), "environments": environments})
+        summary = {**(summary or {}), "environments": environments}
     return module, dict(summary or {}), out
+
+
+def _environments(run_dir: RunDir) -> list[dict[str, Any]]:
+    """The environments that computed the run's units, or this one for a run without units."""
+    found = provenance.summary_environments(run_dir.units())
+    return found or [{"environment": provenance.environment(), "units": []}]
 
 
 def _results_root(out: str | None, quick: bool) -> pathlib.Path:

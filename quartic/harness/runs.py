@@ -4,7 +4,8 @@ A results folder (one per experiment run) looks like::
 
     out_dir/
       config.json        the config that produced everything below (`RunDir.write_config`)
-      units/<name>.json  one record per finished unit of work (`run_sweep`)
+      units/<name>.json  one record per finished unit of work (`run_sweep`), with the environment
+                         that computed it (`quartic.harness.provenance`)
       metrics.jsonl      per-step metrics, one JSON object a line (`append_jsonl`)
       summary.json       the fitted numbers the experiment reports (`RunDir.write_summary`)
 
@@ -38,6 +39,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from quartic.core.errors import DivergenceError, QuarticError
+from quartic.harness import provenance
 from quartic.harness.config import config_to_dict
 
 __all__ = [
@@ -471,6 +473,8 @@ def run_sweep(
 
     Returns:
       A `SweepResult`: every record by name, and how many units were computed, skipped and failed.
+      Each record also names the environment that computed it (`provenance.environment`: versions,
+      device, CPU model and instruction set), since float32 results differ between CPUs.
     """
     items = list(units.items()) if isinstance(units, Mapping) else list(units)
     names = [name for name, _ in items]
@@ -516,7 +520,8 @@ def run_sweep(
             finally:
                 _ACTIVE.pop()
             seconds = time.perf_counter() - start
-            record = {"name": name, **record, "seconds": seconds}
+            record = {"name": name, **record, "seconds": seconds,
+                      "environment": provenance.environment()}  # fmt: skip
             run_dir.write_unit(name, record)
             records[name] = record
             progress.unit(name, seconds, record)
