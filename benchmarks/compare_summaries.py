@@ -17,12 +17,11 @@ import math
 
 
 def differences(a, b, rtol: float = 0.0, path: str = "") -> list[tuple[str, object, object]]:
-    last = path.rsplit(".", 1)[-1]
-    if "seconds" in last or last == "environments":
-        return []
     if isinstance(a, dict) and isinstance(b, dict):
         out = []
         for k in sorted(set(a) | set(b)):
+            if "seconds" in k or k == "environments":
+                continue
             if k not in a or k not in b:
                 out.append((f"{path}.{k}", a.get(k, "<missing>"), b.get(k, "<missing>")))
             else:

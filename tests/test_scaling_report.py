@@ -41,6 +41,21 @@ def test_verdict_reads_the_prediction_interval(interval, state):
     assert scaling_report.verdict(None, (1.7e9,)).startswith("Too few sizes")
 
 
+def test_a_verdict_must_hold_under_every_bootstrap_seed():
+    """An interval ending just above 1 under one seed's resampling and below it under another's is
+    undetermined, with the ends' range; seeds that agree keep the state."""
+
+    def fit(lo, hi):
+        return {"exponent": -0.02, "exponent_interval": [-0.08, 0.03],
+                "extrapolation": {"1.7e+09": {"fit": 3.0, "interval": [lo, hi]}}}  # fmt: skip
+
+    crossing = scaling_report.verdict(fit(1.01, 9.2), (1.7e9,), [fit(0.89, 8.7), None])
+    assert ": undetermined (the interval's ends cross 1 between 2 bootstrap seeds" in crossing
+    assert "lower 0.89–1.01" in crossing
+    assert ": closed " in scaling_report.verdict(fit(1.01, 9.2), (1.7e9,), [fit(1.2, 8.7)])
+    assert ": open " in scaling_report.verdict(fit(0.1, 0.9), (1.7e9,), [fit(0.2, 0.95)])
+
+
 def _unit(size: str, seed: int, overlaps: list[float], harms: list[float]) -> dict:
     n = SIZES[size]
     task_row = {
