@@ -53,6 +53,9 @@ class Config:
     bootstrap: int = 2000
     long_steps: int = 1000  # long fine-tuning (harm, retention, overlap); 0 skips it
     long_lr: float = 1e-3  # Adam, as the collapse study
+    # θ*'s pretraining learning rate; None keeps the recipe's 1e-2 for every size (a width-scaled
+    # rate for one size is its own run, e.g. sizes=1m pretrain_lr=0.0063)
+    pretrain_lr: float | None = None
     # summary.json files of earlier scaling runs whose models join this run's fits and report (other
     # sizes, or other seeds of a size; a model comes from one run only); with sizes=() the run only
     # pools them. Their config.json, where kept, must agree on how each model is measured.
@@ -85,6 +88,8 @@ class Config:
         for path in self.pool:
             if not pathlib.Path(path).is_file():
                 raise QuarticError(f"pool: no summary at {path} (a scaling run's summary.json)")
+        if self.pretrain_lr is not None and not self.pretrain_lr > 0:
+            raise QuarticError(f"pretrain_lr must be > 0 (or None), got {self.pretrain_lr}")
         if self.long_steps < 0 or self.long_lr <= 0:
             raise QuarticError(
                 f"long_steps must be >= 0 and long_lr > 0, got {self.long_steps}, {self.long_lr}"
@@ -101,7 +106,7 @@ def _model_unit(config: Config, size: str, seed: int) -> dict:
 def _measure_model(config: Config, size: str, seed: int) -> dict:
     jax.config.update("jax_enable_x64", True)
     t0 = time.perf_counter()
-    _, setup = scaling.aligned(size, seed)
+    _, setup = scaling.aligned(size, seed, pretrain_lr=config.pretrain_lr)
     seconds = {"theta_star": time.perf_counter() - t0}
     unit_note(f"θ* ({setup.n:,} parameters) in {seconds['theta_star']:.1f} s")
     t0 = time.perf_counter()
@@ -162,7 +167,7 @@ def run(config: Config, out_dir: pathlib.Path) -> dict:
 
 # what a pooled run must share with this one: how each model is measured (the long fine-tuning's
 # settings too, where both runs fine-tune)
-MEASURED_ALIKE = ("rank", "share", "spectrum_k", "taylor_order", "num_times")
+MEASURED_ALIKE = ("rank", "share", "spectrum_k", "taylor_order", "num_times", "pretrain_lr")
 
 
 def _pooled_summary(path: str, config: Config) -> dict:

@@ -129,6 +129,11 @@ def test_rundir_refuses_to_mix_configs(tmp_path):
     with pytest.raises(QuarticError, match=r"different config \(model.width: 8 -> 16\)"):
         run_dir.write_config({"lr": 0.1, "model": {"width": 16}, "ts": [1, 2]})
     assert run_dir.read_config() == {"lr": 0.1, "model": {"width": 8}, "ts": [1, 2]}
+    # a knob added since, at its off value (None, empty), resumes; set to something, it does not
+    run_dir.write_config({"lr": 0.1, "model": {"width": 8}, "ts": [1, 2], "pool": [], "x": None})
+    with pytest.raises(QuarticError, match=r"different config \(x: '<absent>' -> 0.5\)"):
+        run_dir.write_config({"lr": 0.1, "model": {"width": 8}, "ts": [1, 2], "x": 0.5})
+    assert run_dir.read_config() == {"lr": 0.1, "model": {"width": 8}, "ts": [1, 2]}
 
 
 # --------------------------------------------------------------------------------------------------

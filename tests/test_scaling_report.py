@@ -251,3 +251,37 @@ def test_pooling_the_committed_full_run_alone_reproduces_its_fits():
     again = _as_json(scaling_report.summarize({}, (1.7e9, 3e9), 2000, pooled=[committed]))
     for key in ("per_size", "fits", "verdict", "rows", "long_records"):
         assert again[key] == committed[key], key
+
+
+def test_a_pretraining_learning_rate_reaches_the_theta_star_recipe(monkeypatch):
+    """``pretrain_lr`` trains the size's θ* (here a preset's, which otherwise comes from the
+    collapse study) with that rate in the recipe, the model config unchanged."""
+    import jax
+
+    from quartic.core.errors import QuarticError
+    from quartic.harness.cli import load_experiment
+    from quartic.models import TransformerConfig
+    from quartic.studies import scaling
+
+    seen = {}
+
+    def fake(config, world, seed, align, progress):
+        seen.update(config=config, seed=seed, align=align)
+        raise RuntimeError("recorded")
+
+    monkeypatch.setattr(scaling, "make_aligned_model", fake)
+    before = bool(jax.config.jax_enable_x64)
+    jax.config.update("jax_enable_x64", True)
+    try:
+        with pytest.raises(RuntimeError, match="recorded"):
+            scaling.aligned("2k", 3, pretrain_lr=0.0063)
+    finally:
+        jax.config.update("jax_enable_x64", before)
+    world = scaling.tw.TokenWorld(scaling.tw.WorldConfig(seed=0))
+    assert seen["align"].pretrain_lr == 0.0063 and seen["seed"] == 3
+    assert seen["config"] == TransformerConfig.preset(
+        "2k", vocab_size=world.vocab_size, seq_len=world.config.seq_len, param_dtype="float64"
+    )
+    exp = load_experiment("scaling")
+    with pytest.raises(QuarticError, match="pretrain_lr must be > 0"):
+        exp.Config(pretrain_lr=0.0)

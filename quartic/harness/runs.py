@@ -238,14 +238,18 @@ class RunDir:
 
         If `config.json` already exists it must hold the same config: results made with different
         settings must not be mixed by a resumed run. Raises QuarticError naming the keys that
-        differ otherwise.
+        differ otherwise. A key the saved config lacks counts as the same when its value here is
+        off (None, empty, zero or False): a knob added to the config after the run, left at its off value, which
+        keeps the old behaviour. `config.json` keeps what the run was made with.
         """
         data = config_to_dict(config) if not isinstance(config, Mapping) else dict(config)
         data = json.loads(json.dumps(to_jsonable(data)))
         if self.config_path.exists():
             saved = read_json(self.config_path)
-            if saved != data:
-                diffs = _diff_keys(saved, data)
+            diffs = [
+                k for k in _diff_keys(saved, data) if _get(saved, k) != "<absent>" or _get(data, k)
+            ]
+            if diffs:
                 shown = ", ".join(
                     f"{k}: {_get(saved, k)!r} -> {_get(data, k)!r}" for k in diffs[:5]
                 ) + (", ..." if len(diffs) > 5 else "")

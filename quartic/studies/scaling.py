@@ -33,7 +33,7 @@ from quartic.core.chunked import Chunked, weighted_sum
 from quartic.core.errors import QuarticError, require_float64
 from quartic.models.transformer import PRESETS, TransformerConfig, count_params
 from quartic.studies import collapse
-from quartic.studies.training import make_aligned_model
+from quartic.studies.training import AlignConfig, make_aligned_model
 from quartic.tasks import token_world as tw
 
 #: The sizes of the study: the model presets plus a 300k model (4 layers, 4 heads, d_ff = 4 d);
@@ -60,14 +60,29 @@ def model_config(size: str, world: tw.TokenWorld) -> TransformerConfig:
 
 
 @memo(maxsize=4)
-def aligned(size: str, seed: int = 0, category: int = 0, world_seed: int = 0):
+def aligned(
+    size: str,
+    seed: int = 0,
+    category: int = 0,
+    world_seed: int = 0,
+    pretrain_lr: float | None = None,
+):
     """θ* of ``size`` (model seed ``seed``) and its :class:`~quartic.studies.collapse.CollapseSetup`
-    (presets through :func:`collapse.aligned_setup`, so the θ* cache is shared)."""
-    if size in PRESETS:
+    (presets through :func:`collapse.aligned_setup`, so the θ* cache is shared). ``pretrain_lr``
+    replaces the recipe's pretraining learning rate (:class:`~quartic.studies.training.AlignConfig`,
+    1e-2), e.g. scaled to the width; its θ* is trained and cached apart."""
+    if size in PRESETS and pretrain_lr is None:
         return collapse.aligned_setup(size, category, world_seed, seed)
     require_float64(f"the {size} model of the scaling study")
     world = tw.TokenWorld(tw.WorldConfig(seed=world_seed))
-    model = make_aligned_model(model_config(size, world), world, seed=seed, progress=False)
+    v, t = world.vocab_size, world.config.seq_len
+    config = (
+        TransformerConfig.preset(size, vocab_size=v, seq_len=t, param_dtype="float64")
+        if size in PRESETS
+        else model_config(size, world)
+    )
+    align = AlignConfig() if pretrain_lr is None else AlignConfig(pretrain_lr=pretrain_lr)
+    model = make_aligned_model(config, world, seed=seed, align=align, progress=False)
     return model, collapse.CollapseSetup(model.apply_fn, model.theta_star, world, category)
 
 
