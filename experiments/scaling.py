@@ -15,6 +15,10 @@ crossover before the validity horizon) exists where t×·λ_max < 1.
     quartic run scaling --set sizes=1m seeds=0 --out DIR          # one more size, its own run
     quartic run scaling --set sizes= pool=A/summary.json,DIR/summary.json --out POOLED
                                      # refit every model of earlier runs together, train nothing
+                                     # (other sizes, or other seeds of a size)
+    quartic run scaling --set sizes=1m seeds=0 pretrain_lr=0.0063 --out DIR
+                                     # θ* pretrained at another learning rate (not poolable with
+                                     # the recipe's runs)
 """
 
 from __future__ import annotations
