@@ -239,8 +239,8 @@ class RunDir:
         If `config.json` already exists it must hold the same config: results made with different
         settings must not be mixed by a resumed run. Raises QuarticError naming the keys that
         differ otherwise. A key the saved config lacks counts as the same when its value here is
-        off (None, empty, zero or False): a knob added to the config after the run, left at its off value, which
-        keeps the old behaviour. `config.json` keeps what the run was made with.
+        off (None, empty, zero or False): a knob added to the config after the run, left at its
+        off value, which keeps the old behaviour. `config.json` keeps what the run was made with.
         """
         data = config_to_dict(config) if not isinstance(config, Mapping) else dict(config)
         data = json.loads(json.dumps(to_jsonable(data)))
