@@ -253,6 +253,20 @@ def test_pooling_the_committed_full_run_alone_reproduces_its_fits():
         assert again[key] == committed[key], key
 
 
+@pytest.mark.parametrize("name", ["scaling_2k_300k", "scaling_2k_1m", "scaling_2k_1m_seeds"])
+def test_the_committed_pooled_summaries_refit_to_their_fits_and_verdicts(name):
+    """Each committed pooled summary, refitted by itself with the current code (the verdict now
+    checked over VERDICT_SEEDS bootstrap seeds), gives back its fits and its verdict."""
+    import json
+    import pathlib
+
+    path = pathlib.Path(__file__).parents[1] / "results" / "full" / name / "summary.json"
+    committed = json.loads(path.read_text())
+    again = _as_json(scaling_report.summarize({}, (1.7e9, 3e9), 2000, pooled=[committed]))
+    assert again["fits"] == committed["fits"]
+    assert again["verdict"] == committed["verdict"]
+
+
 def test_a_pretraining_learning_rate_reaches_the_theta_star_recipe(monkeypatch):
     """``pretrain_lr`` trains the size's θ* (here a preset's, which otherwise comes from the
     collapse study) with that rate in the recipe, the model config unchanged."""

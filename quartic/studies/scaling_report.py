@@ -82,17 +82,10 @@ def summarize(results: dict, extrapolate_to=(1.7e9, 3e9), bootstrap: int = 2000,
     )
     n = np.asarray([x["n"] for x in rows], float)
     fits = {
-        k: power_law(
-            n,
-            [np.nan if x[k] is None else x[k] for x in rows],
-            extrapolate_to if k in EXTRAPOLATED else (),
-            bootstrap,
-        )
+        k: power_law(n, _column(rows, k), extrapolate_to if k in EXTRAPOLATED else (), bootstrap)
         for k in (*FITTED, "share_top_d", "effective_rank")
     }
-    t_cross = [np.nan if x["t_cross_lambda"] is None else x["t_cross_lambda"] for x in rows]
-    checks = [power_law(n, t_cross, extrapolate_to, bootstrap, seed=seed)
-              for seed in range(1, VERDICT_SEEDS)]  # fmt: skip
+    checks = t_cross_fits(rows, extrapolate_to, bootstrap, range(1, VERDICT_SEEDS))
     return {
         "per_size": per_size,
         "fits": fits,
@@ -101,6 +94,18 @@ def summarize(results: dict, extrapolate_to=(1.7e9, 3e9), bootstrap: int = 2000,
         "long_records": long_records,
         "unit_seconds": {k: v for source in sources for k, v in source["unit_seconds"].items()},
     }
+
+
+def _column(rows: list[dict], key: str) -> list[float]:
+    return [np.nan if x[key] is None else x[key] for x in rows]
+
+
+def t_cross_fits(rows: list[dict], extrapolate_to, bootstrap: int, seeds) -> list[dict | None]:
+    """The power-law fit of t×·λ_max over ``rows`` under each bootstrap seed of ``seeds`` (seed 0
+    is the summary's ``fits``; :func:`verdict` checks its state against the others)."""
+    n = np.asarray([x["n"] for x in rows], float)
+    y = _column(rows, "t_cross_lambda")
+    return [power_law(n, y, extrapolate_to, bootstrap, seed=seed) for seed in seeds]
 
 
 def _merged_entry(size: str, sources: list[dict], rows: list[dict], finals: list[dict]) -> dict:
