@@ -1,5 +1,7 @@
 """Test configuration: exactness claims are made in float64, and silent promotion is an error."""
 
+import os
+
 import jax
 import pytest
 
@@ -16,8 +18,15 @@ from quartic.harness import compile_cache  # noqa: E402
 # already names keeps the caller's value (XLA_FLAGS=--xla_cpu_use_fusion_emitters=true keeps XLA's
 # default emitters). Compiled programs are kept between runs of the suite, as for the `quartic`
 # command.
-compile_cache.fast_compile_flags()
+FAST_FLAGS_ADDED = compile_cache.fast_compile_flags()
 compile_cache.enable()
+
+
+@pytest.fixture(scope="session")
+def fast_flags_added() -> tuple[str, ...]:
+    """The fast-compile flags this suite added to ``XLA_FLAGS`` (none that the caller named), for
+    a subprocess that computes more than it compiles to drop again."""
+    return FAST_FLAGS_ADDED
 
 
 #: The suite's longest files, longest first (seconds in a suite run with two workers, 2 cores,
@@ -44,11 +53,30 @@ def pytest_collection_modifyitems(config, items):
     items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: the rest as found
 
 
+@pytest.fixture(scope="session", autouse=True)
+def quartic_cache(tmp_path_factory):
+    """The suite's ``QUARTIC_CACHE``: one folder for the session, shared by its xdist workers (the
+    parent of their temporary folders). Each θ* is trained once per suite run, by whichever test
+    asks first; the library's checkpoint lock makes another worker asking meanwhile wait and read
+    it (``make_aligned_model``). A θ* from an earlier run or a study is never read: the suite
+    trains what it checks with the code under test. Commands the tests start inherit it."""
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent
+    cache = root / "quartic_cache"
+    cache.mkdir(exist_ok=True)
+    patch = pytest.MonkeyPatch()
+    patch.setenv("QUARTIC_CACHE", str(cache))
+    yield cache
+    patch.undo()
+
+
 @pytest.fixture(scope="session")
-def theta_star_cache(tmp_path_factory):
-    """One θ* cache for the session: the 2k aligned transformer is trained once, then read back by
-    every test (and every notebook run, through ``QUARTIC_THETA_CACHE``) that needs it."""
-    return tmp_path_factory.mktemp("theta_star")
+def theta_star_cache(quartic_cache):
+    """The session's θ* cache (``$QUARTIC_CACHE/theta_star``, the library's default): the 2k
+    aligned transformer is trained once, then read back by every test (and every notebook run,
+    through ``QUARTIC_THETA_CACHE``) that needs it."""
+    return quartic_cache / "theta_star"
 
 
 @pytest.fixture(scope="session")

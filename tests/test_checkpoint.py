@@ -42,3 +42,24 @@ def test_mismatches_and_missing_or_incomplete_checkpoints_are_named(tmp_path):
     assert not checkpoint.exists(tmp_path / "c")
     with pytest.raises(QuarticError, match="no checkpoint"):
         checkpoint.load(tmp_path / "c", PARAMS)
+
+
+def test_lock_makes_a_second_holder_wait_and_says_so(tmp_path, capsys):
+    import threading
+
+    order = []
+
+    def second():
+        with checkpoint.lock(tmp_path / "c"):
+            order.append("second")
+
+    with checkpoint.lock(tmp_path / "c") as path:
+        assert path == tmp_path / "c.lock"
+        waiter = threading.Thread(target=second)
+        waiter.start()
+        waiter.join(0.5)
+        assert waiter.is_alive()  # blocked on the first holder
+        order.append("first")
+    waiter.join(10)
+    assert order == ["first", "second"]
+    assert f"waiting for another process to finish {tmp_path / 'c'}" in capsys.readouterr().err

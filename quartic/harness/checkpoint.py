@@ -10,8 +10,11 @@ quartic ≤ 0.1 (``params.npz`` beside ``meta.json``) are still read.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +25,7 @@ import orbax.checkpoint as ocp
 from quartic.core.errors import QuarticError
 from quartic.core.pytree import path_name
 
-__all__ = ["exists", "load", "read_meta", "save"]
+__all__ = ["exists", "load", "lock", "read_meta", "save"]
 
 
 def _flat(tree: Any) -> dict[str, Any]:
@@ -33,6 +36,32 @@ def exists(directory: str | os.PathLike) -> bool:
     """Whether ``directory`` holds a complete checkpoint."""
     d = Path(directory)
     return (d / "meta.json").exists() and ((d / "params").is_dir() or (d / "params.npz").exists())
+
+
+@contextlib.contextmanager
+def lock(directory: str | os.PathLike) -> Iterator[Path]:
+    """Hold an exclusive lock on the checkpoint ``directory`` (a ``<name>.lock`` file beside it)
+    for the ``with`` block, so that processes sharing a folder make each checkpoint once: a second
+    process blocks, saying so on stderr, until the first has saved it. Advisory (``fcntl.flock``);
+    where ``fcntl`` is missing (Windows) the block runs unlocked. Yields the lock file's path."""
+    d = Path(directory).absolute()
+    d.parent.mkdir(parents=True, exist_ok=True)
+    path = d.parent / f"{d.name}.lock"
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not POSIX
+        yield path
+        return
+    with open(path, "a") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            print(f"waiting for another process to finish {d} ...", file=sys.stderr, flush=True)
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield path
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def read_meta(directory: str | os.PathLike) -> dict:

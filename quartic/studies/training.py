@@ -279,11 +279,29 @@ def make_aligned_model(
         )
     key = checkpoint_key(config, world.config, seed, align)
     path = Path(cache_dir or _default_cache_dir()) / key
-    if use_cache and checkpoint.exists(path):
-        model, meta = load_theta_star(path)
-        apply_fn, theta_star = functional(model, nnx.Param)
-        return AlignedModel(model, apply_fn, theta_star, {**meta["report"], "cached": True}, path)
+    if not use_cache:
+        return _train_aligned(config, world, seed, align, None, progress)
+    # Processes that share the cache (parallel runs, the test suite's workers) train each θ* once:
+    # the first holds the checkpoint's lock while it trains, the others wait and then read it.
+    with checkpoint.lock(path):
+        if checkpoint.exists(path):
+            model, meta = load_theta_star(path)
+            apply_fn, theta_star = functional(model, nnx.Param)
+            report = {**meta["report"], "cached": True}
+            return AlignedModel(model, apply_fn, theta_star, report, path)
+        return _train_aligned(config, world, seed, align, path, progress)
 
+
+def _train_aligned(
+    config: TransformerConfig,
+    world: tw.TokenWorld,
+    seed: int,
+    align: AlignConfig,
+    path: Path | None,
+    progress: bool,
+) -> AlignedModel:
+    """The three phases of :func:`make_aligned_model`; the checkpoint is saved to ``path``
+    unless it is None."""
     t_start = time.perf_counter()
     model = Transformer(config, rngs=nnx.Rngs(seed))
     apply_fn, params = functional(model, BaseParam)
@@ -400,7 +418,7 @@ def make_aligned_model(
         "cached": False,
     }
     saved = None
-    if use_cache:
+    if path is not None:
         meta = {
             "model_config": config.to_dict(),
             "world_config": json.loads(world.config.to_json()),
