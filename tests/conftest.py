@@ -30,21 +30,22 @@ def fast_flags_added() -> tuple[str, ...]:
 
 
 #: The suite's longest files, longest first (seconds in a suite run with two workers, 2 cores,
-#: fresh caches, 2026-12-06: benchmarks/suite_durations.py, its -O0 run in
-#: benchmarks/results/suite-durations-cpu-2core.json). Run with ``-n 2 --dist loadfile``, pytest-xdist hands each worker the
-#: next file in collection order whenever it runs short (pyproject's ``--no-loadscope-reorder``
-#: keeps this order instead of xdist's by-test-count one); starting with the long files lets the
-#: many short ones even the two workers out at the end (by test count, one worker ran 95 s longer).
+#: fresh caches, 2026-12-07, commit 3a9d3bb: benchmarks/suite_durations.py,
+#: benchmarks/results/suite-durations-3a9d3bb.json). Run with ``-n 2 --dist loadfile``, pytest-xdist
+#: hands each worker the next file in collection order whenever it runs short (pyproject's
+#: ``--no-loadscope-reorder`` keeps this order instead of xdist's by-test-count one); starting with
+#: the long files lets the many short ones even the two workers out at the end (by test count, one
+#: worker ran 95 s longer).
 LONGEST_FIRST = (
-    "test_scaling.py",  # 177 s
-    "test_notebooks.py",  # 156 s
-    "test_collapse.py",  # 91 s
-    "test_alignment_pipeline.py",  # 62 s
-    "test_theory_chunked.py",  # 40 s
-    "test_diagnose.py",  # 31 s
-    "test_curvature.py",  # 27 s
-    "test_transfer_robustness.py",  # 26 s
-    "test_aic.py",  # 26 s
+    "test_scaling.py",  # 293 s
+    "test_notebooks.py",  # 176 s
+    "test_collapse.py",  # 115 s
+    "test_theory_chunked.py",  # 70 s
+    "test_transfer_robustness.py",  # 44 s
+    "test_diagnose.py",  # 36 s
+    "test_scaling_report.py",  # 36 s
+    "test_curvature.py",  # 35 s
+    "test_aic.py",  # 31 s
 )
 
 
