@@ -262,7 +262,9 @@ def make_aligned_model(
       align: the phases' settings (default :class:`AlignConfig`).
       cache_dir: checkpoints live in ``cache_dir/<checkpoint_key>/`` (default
         ``$QUARTIC_CACHE/theta_star`` or ``results/cache/theta_star``). A matching checkpoint is
-        loaded instead of training; ``use_cache=False`` neither reads nor writes one.
+        loaded instead of training; ``use_cache=False`` neither reads nor writes one. Processes
+        sharing the cache train each θ* once: while one trains it, the others wait on the
+        checkpoint's lock (:func:`quartic.harness.checkpoint.lock`) and then load it.
 
     Returns:
       :class:`AlignedModel`; see ``report["before"]``, ``["after"]`` and ``["grad_ratio"]``.
