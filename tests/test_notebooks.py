@@ -21,9 +21,10 @@ NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.py"))
 TIMEOUT_S = 300  # a hang guard: the slowest notebook takes about 70 s on an idle 2-core machine
 WORKERS = 2
 #: Notebooks that compute more than they compile run with XLA's default settings, not the suite's
-#: fast-compile flags (-O0 code): alone, fresh compilation cache, 2 cores (2026-12-07),
-#: transfer_robustness 112.8 s with the flags, 69.8 s without; every other notebook is faster with
-#: them (aic_ladder 10.0 against 17.9 s, transformer_collapse 22.8 against 29.5 s). They start
+#: fast-compile flags (-O0 code). Each alone, fresh compilation cache, 2 cores
+#: (``python benchmarks/notebook_flags.py``, benchmarks/results/notebook-flags-cpu-2core.json):
+#: transfer_robustness 141.6 s with the flags, 79.4 s without; every other notebook is faster with
+#: them (aic_ladder 11.6 against 23.2 s, transformer_collapse 27.5 against 31.1 s). They start
 #: first, so that the short ones fill the other slot.
 COMPUTE_BOUND = ("transfer_robustness.py",)
 
