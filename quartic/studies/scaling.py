@@ -47,7 +47,8 @@ SIZES: dict[str, tuple[int, int, int, int]] = {
 
 
 def model_config(size: str, world: tw.TokenWorld) -> TransformerConfig:
-    """A float64 config of about ``size`` parameters (the preset's rule: width closest to target)."""
+    """A float64 config of about ``size`` parameters (the preset's rule: width closest to target;
+    for a preset size, exactly the preset's config, ``TransformerConfig.preset``)."""
     if size not in SIZES:
         raise QuarticError(f"unknown size {size!r}; choose one of {sorted(SIZES)}")
     target, layers, heads, ff = SIZES[size]
@@ -75,14 +76,10 @@ def aligned(
         return collapse.aligned_setup(size, category, world_seed, seed)
     require_float64(f"the {size} model of the scaling study")
     world = tw.TokenWorld(tw.WorldConfig(seed=world_seed))
-    v, t = world.vocab_size, world.config.seq_len
-    config = (
-        TransformerConfig.preset(size, vocab_size=v, seq_len=t, param_dtype="float64")
-        if size in PRESETS
-        else model_config(size, world)
-    )
     align = AlignConfig() if pretrain_lr is None else AlignConfig(pretrain_lr=pretrain_lr)
-    model = make_aligned_model(config, world, seed=seed, align=align, progress=False)
+    model = make_aligned_model(
+        model_config(size, world), world, seed=seed, align=align, progress=False
+    )
     return model, collapse.CollapseSetup(model.apply_fn, model.theta_star, world, category)
 
 

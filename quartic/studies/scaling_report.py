@@ -211,14 +211,9 @@ def verdict(fit: dict | None, sizes, checks=()) -> str:
         ends = np.asarray(
             [e["interval"], *(c["extrapolation"][key]["interval"] for c in checks if c)]
         )
-        state = (
-            "open"
-            if (ends[:, 1] < 1).all()
-            else "closed"
-            if (ends[:, 0] > 1).all()
-            else "undetermined"
-        )
-        alone = "open" if hi < 1 else "closed" if lo > 1 else "undetermined"
+        per_seed = ["open" if b < 1 else "closed" if a > 1 else "undetermined" for a, b in ends]
+        alone = per_seed[0]
+        state = alone if len(set(per_seed)) == 1 else "undetermined"
         note = ""
         if alone != state:
             note = (f" (the interval's ends cross 1 between {len(ends)} bootstrap seeds: lower "
