@@ -269,3 +269,16 @@ def test_eigh_descending_is_eigh_sorted_and_decomposes_a_reused_matrix_once():
     w_np, _ = curvature.eigh_descending(m)
     m *= 2.0
     np.testing.assert_allclose(curvature.eigh_descending(m)[0], 2.0 * np.asarray(w_np), rtol=1e-13)
+
+
+@pytest.mark.parametrize("dtype, scale", [("float64", 1e-14), ("float32", 1e-6)])
+def test_lanczos_does_not_depend_on_the_operators_scale(dtype, scale):
+    """Lanczos of s·A gives s times A's eigenvalues: the breakdown test is relative to ‖A q‖, so a
+    small operator (s·‖A‖ below 1e3·eps, as the Fisher is in float32) is not taken for an invariant
+    subspace at every step. float64 to 1e-10 relative; float32 to 1e3·eps (its tridiagonal)."""
+    n = 300
+    a = jnp.diag(jnp.linspace(1.0, 0.0, n) ** 3).astype(dtype)
+    w_top = np.linspace(1.0, 0.0, n)[:5] ** 3
+    res = curvature.lanczos_eigh(lambda v: (scale * a) @ v, n, k_top=5, num_iters=120, dtype=dtype)
+    rtol = 1e-10 if dtype == "float64" else 1e3 * float(jnp.finfo(dtype).eps)
+    np.testing.assert_allclose(np.asarray(res.top.values, float) / scale, w_top, rtol=rtol)
