@@ -301,3 +301,40 @@ def test_problem_constructor_checks_shapes_and_values():
         )
     with pytest.raises(QuarticError, match="rank d"):
         q.QuadraticSpec(n=4, d=4)
+
+
+def test_compiler_options_compile_their_own_program_with_the_same_values():
+    """``compiler_options`` reach the check's program: another option set is another program (its
+    own cache entry), and the lean options (the older fusion emitters) give XLA's default program's
+    values to 1e-12 relative in float64 (other machine code, the same arithmetic up to rounding)."""
+    from quartic.core import aic, jit
+
+    lean = jit.lean_compile_options()
+    if lean is None:
+        pytest.skip("this backend or jaxlib has no lean compile options")
+    spec = q.QuadraticSpec(n=60, d=4, tail=0.2, leak=0.05, coupling=0.8)
+    prob, _ = q.make_quadratic(jax.random.PRNGKey(5), spec)
+    check = lambda opts: q.check_aic(
+        prob.align_loss_fn, prob.ft_loss_fn, prob.theta_star, rank=4, method="lanczos",
+        num_iters=60, compiler_options=opts,
+    )  # fmt: skip
+    # XLA's own default, named: the suite's XLA_FLAGS (conftest) set the older emitters for the
+    # whole process, and a per-program option overrides them
+    aic._MEASURE_CACHE.clear()  # (bounded: earlier tests may have filled it)
+    plain = check({"xla_cpu_use_fusion_emitters": True})
+    lean_rep = check(lean)
+    assert len(aic._MEASURE_CACHE) == 2
+    for name in ("lambda_d", "ortho_norm", "gamma_fisher", "crossover_time", "tail_mass"):
+        np.testing.assert_allclose(getattr(lean_rep, name), getattr(plain, name), rtol=1e-12)
+    with pytest.raises(QuarticError, match="compiler_options must be a mapping"):
+        check([("xla_cpu_use_fusion_emitters", False)])
+
+
+def test_lean_compile_options_apply_on_a_known_jaxlib_and_cpu_only(monkeypatch):
+    from quartic.core import jit
+
+    monkeypatch.setattr(jit.jaxlib, "__version__", "0.10.2")
+    monkeypatch.setattr(jit.jax, "default_backend", lambda: "cpu")
+    assert jit.lean_compile_options() == jit.LEAN_COMPILE_OPTIONS
+    monkeypatch.setattr(jit.jax, "default_backend", lambda: "gpu")
+    assert jit.lean_compile_options() is None

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -276,9 +276,11 @@ def _measure_fn(
     trace_batch=None,
     eig_given=False,
     lambda_max_iters=LAMBDA_MAX_ITERS,
+    compiler_options=(),
 ):
     """One jitted program per (losses, selection, settings): params, data, F and the key are its
-    arguments, so repeated checks (other tasks, other batches of the same shapes) reuse it."""
+    arguments, so repeated checks (other tasks, other batches of the same shapes) reuse it.
+    ``compiler_options``: sorted ``(name, value)`` pairs, XLA options of this program."""
     cache_key = (
         align_loss_fn,
         ft_loss_fn,
@@ -296,6 +298,7 @@ def _measure_fn(
         trace_batch,
         eig_given,
         lambda_max_iters,
+        compiler_options,
     )
     if cache_key in _MEASURE_CACHE:
         return _MEASURE_CACHE[cache_key]
@@ -380,7 +383,7 @@ def _measure_fn(
         )
         return out
 
-    fn = jax.jit(measure)
+    fn = jax.jit(measure, compiler_options=dict(compiler_options) or None)
     _MEASURE_CACHE[cache_key] = fn
     return fn
 
@@ -430,6 +433,7 @@ def check_aic(
     full_spectrum: bool = False,
     fisher_eigenpairs: curvature.Eigenpairs | None = None,
     lambda_max_iters: int = LAMBDA_MAX_ITERS,
+    compiler_options: Mapping[str, bool | int | float | str] | None = None,
 ) -> AICReport:
     """Measure the Alignment Instability Condition (Def 5.1) at ``params`` = θ*.
 
@@ -460,6 +464,10 @@ def check_aic(
       lambda_max_iters: Lanczos steps for λ_max(H_FT) (at most n). Its residual is reported
         (``lambda_max_ft_residual``) and a warning is raised above ``LAMBDA_MAX_RTOL`` relative,
         so fewer steps cost accuracy only where the report says so.
+      compiler_options: XLA options for the check's compiled program (``jax.jit``'s
+        ``compiler_options``), e.g. :func:`quartic.core.jit.lean_compile_options` where its compile
+        would set the process's peak memory. The values are the same program's, up to the rounding
+        of other machine code.
       thresholds: the caller's thresholds for each condition.
 
     Returns:
@@ -503,6 +511,11 @@ def check_aic(
         raise QuarticError(
             f"lambda_max_iters must be an integer >= 2 (Lanczos steps), got {lambda_max_iters!r}"
         )
+    if compiler_options is not None and not isinstance(compiler_options, Mapping):
+        raise QuarticError(
+            "compiler_options must be a mapping of XLA option names to values, got "
+            f"{type(compiler_options).__name__}"
+        )
     key = jax.random.PRNGKey(0) if key is None else key
     f_callable = fisher if callable(fisher) or isinstance(fisher, GaussNewton) else None
     dense_given = f_given is not None
@@ -529,6 +542,7 @@ def check_aic(
         trace_batch,
         fisher_eigenpairs is not None,
         lambda_max_iters,
+        tuple(sorted((compiler_options or {}).items())),
     )
     if method != "dense":
         f_eig = fisher_eigenpairs

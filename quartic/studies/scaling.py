@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from quartic.core import aic, curvature, dynamics, fitting, theory
+from quartic.core import aic, curvature, dynamics, fitting, jit, theory
 from quartic.core.cache import memo
 from quartic.core.chunked import Chunked, weighted_sum
 from quartic.core.errors import QuarticError, require_float64
@@ -352,6 +352,8 @@ def task_scaling(
         fisher_trace=trace,
         fisher_eigenpairs=spectrum,
         lambda_max_iters=lambda_max_iters,
+        # chunked sizes are the memory-bound ones: the check's compile set the 100k unit's peak
+        compiler_options=jit.lean_compile_options() if rows else None,
         **aic_args(setup, ft_data, rows),
     )
     align_args, ft_args = taylor_args(setup, ft_data, rows)
