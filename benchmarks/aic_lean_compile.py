@@ -1,7 +1,8 @@
 """Peak memory of one scaling-study unit (``experiments/scaling.py``'s ``_measure_model``) with and
-without its two memory measures: the freed heap returned between stages (``_stage_done``) and the
-AIC check compiled with the lean options (``quartic.core.jit.lean_compile_options``: the older
-fusion emitters, for the chunked sizes above ``scaling.CHUNK_ABOVE``).
+without its two memory measures: the freed heap returned between stages and inside each task
+(``quartic.core.cache.release_heap``) and the AIC check compiled with the lean options
+(``quartic.core.jit.lean_compile_options``: the older fusion emitters, for the chunked sizes above
+``scaling.CHUNK_ABOVE``).
 
     python benchmarks/aic_lean_compile.py [--size 100k] [--tasks sort,lookup]
         [--out benchmarks/results/aic-lean-compile-cpu-2core.json]
@@ -30,9 +31,9 @@ sys.path.insert(0, str(ROOT))
 from benchmarks.common import machine_info  # noqa: E402
 
 SETTINGS = {
-    "before (no trims, XLA's default options)": {"trim": False, "lean": False},
-    "trims between stages": {"trim": True, "lean": False},
-    "trims and the lean check (the study's code)": {"trim": True, "lean": True},
+    "neither (the code before)": {"trim": False, "lean": False},
+    "heap released between stages": {"trim": True, "lean": False},
+    "heap released and the check compiled lean (the study's code)": {"trim": True, "lean": True},
 }
 
 CHILD = r"""
@@ -41,7 +42,7 @@ import jax
 jax.config.update("jax_enable_x64", True)
 sys.path.insert(0, {root!r})
 import experiments.scaling as exp
-from quartic.core import jit
+from quartic.core import cache, jit
 
 def rss():
     with open("/proc/self/status") as f:
@@ -61,7 +62,7 @@ def note(msg):  # the unit's own stage notes: each closes a stage
 state["base"] = state["peak"] = rss()
 exp.unit_note = note
 if not {trim!r}:
-    exp._stage_done = lambda: None
+    cache.release_heap = lambda: False
 if not {lean!r}:
     jit.lean_compile_options = lambda: None
 config = exp.Config(sizes=({size!r},), seeds=(0,), tasks={tasks!r}, taylor_order=4, long_steps=0)

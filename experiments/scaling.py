@@ -24,7 +24,6 @@ crossover before the validity horizon) exists where t×·λ_max < 1.
 from __future__ import annotations
 
 import dataclasses
-import gc
 import json
 import pathlib
 import sys
@@ -108,19 +107,11 @@ def _model_unit(config: Config, size: str, seed: int) -> dict:
         cache.clear_all()  # hundreds of them ran out of memory maps at the fourth size)
 
 
-def _stage_done() -> None:
-    """Between a unit's stages: return the heap that compiling and the stage's buffers freed
-    (glibc keeps it otherwise, and the next compile's peak lands on top of it). The 100k unit
-    peaked at 3.5 GiB without this and 3.0 GiB with it (benchmarks/aic_lean_compile.py)."""
-    gc.collect()
-    cache.trim_heap()
-
-
 def _measure_model(config: Config, size: str, seed: int) -> dict:
     jax.config.update("jax_enable_x64", True)
     t0 = time.perf_counter()
     _, setup = scaling.aligned(size, seed, pretrain_lr=config.pretrain_lr)
-    _stage_done()
+    cache.release_heap()
     seconds = {"theta_star": time.perf_counter() - t0}
     unit_note(f"θ* ({setup.n:,} parameters) in {seconds['theta_star']:.1f} s")
     t0 = time.perf_counter()
@@ -128,7 +119,7 @@ def _measure_model(config: Config, size: str, seed: int) -> dict:
     spectrum, pairs = scaling.fisher_spectrum(
         setup, trace, config.spectrum_k, config.rank, config.share
     )
-    _stage_done()
+    cache.release_heap()
     seconds["spectrum"] = time.perf_counter() - t0
     unit_note(f"Fisher trace and top-{config.spectrum_k} spectrum in {seconds['spectrum']:.1f} s")
     tasks = {}
@@ -144,7 +135,7 @@ def _measure_model(config: Config, size: str, seed: int) -> dict:
             config.taylor_order,
             num_times=config.num_times,
         )
-        _stage_done()
+        cache.release_heap()
         seconds[task] = time.perf_counter() - t0
         unit_note(f"task {task} (AIC, onset, flow) in {seconds[task]:.1f} s")
     long = {}

@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from quartic.core import aic, curvature, dynamics, fitting, jit, theory
+from quartic.core import aic, cache, curvature, dynamics, fitting, jit, theory
 from quartic.core.cache import memo
 from quartic.core.chunked import Chunked, weighted_sum
 from quartic.core.errors import QuarticError, require_float64
@@ -356,12 +356,14 @@ def task_scaling(
         compiler_options=jit.lean_compile_options() if rows else None,
         **aic_args(setup, ft_data, rows),
     )
+    cache.release_heap()  # each compile's freed heap, before the next compile
     align_args, ft_args = taylor_args(setup, ft_data, rows)
     onset = theory.taylor_onset(
         kl_fn, setup.ft_fn, setup.theta, taylor_order, align_args=align_args, ft_args=ft_args
     )
     coef = np.asarray(onset.coefficients)
     order, _ = onset.onset(rtol=1e-6)
+    cache.release_heap()
     q4 = rep.quartic_coefficient
     lam = rep.lambda_max_ft
     ts = dynamics.log_times(t_lambda[0] / lam, t_lambda[1] / lam, num_times)
@@ -375,6 +377,7 @@ def task_scaling(
         setup.align_value("refusal", setup.theta),
     ).checked()
     du = np.asarray(jax.device_get(traj.observables)["du_kl"])
+    cache.release_heap()
     fc = np.asarray(rep.forecast.flow(ts))
     err = collapse.forecast_errors(ts, du, fc, np.asarray(rep.forecast.taylor()), 0.0)
     g = setup.grad_of("ft_fn")(setup.theta, ft_data)
