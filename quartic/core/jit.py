@@ -31,9 +31,10 @@ FAST_COMPILE_OPTIONS: dict[str, bool | int] = {
     "xla_backend_optimization_level": 0,
 }
 #: XLA debug options for a program whose compile, not its run, sets the process's peak memory: the
-#: older fusion emitters alone (values unchanged; the run as fast). The scaling study's AIC check at
-#: 100k parameters compiles in 1.74 GiB above its base instead of 2.37 GiB, and 19 s longer
-#: (``benchmarks/aic_lean_compile.py``).
+#: older fusion emitters alone (values unchanged; the run as fast). With the scaling study's AIC
+#: check compiled so, its 100k model's first task peaked at 2,645 MiB instead of 3,311 and took 23 s
+#: longer, 90.5 s against 67.7 (``benchmarks/aic_lean_compile.py``; the compile, the later tasks
+#: took as long).
 LEAN_COMPILE_OPTIONS: dict[str, bool | int] = {"xla_cpu_use_fusion_emitters": False}
 #: The jaxlib versions [lo, hi) known to have :data:`FAST_COMPILE_OPTIONS` (and the lean ones).
 FAST_COMPILE_JAXLIB = ((0, 5), (0, 12))
