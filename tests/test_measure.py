@@ -105,6 +105,33 @@ def test_clear_all_empties_every_registered_cache_and_memo():
         memo(0)
 
 
+def test_average_ranks_match_their_definition_row_by_row():
+    """Each element's rank is the mean of the 0-based positions its value takes in sorted order:
+    (number of smaller elements + number of elements not larger − 1) / 2."""
+    rng = np.random.default_rng(3)
+    a = rng.integers(0, 5, (40, 17)).astype(float)  # many ties
+    less = (a[:, :, None] > a[:, None, :]).sum(-1)
+    leq = (a[:, :, None] >= a[:, None, :]).sum(-1)
+    np.testing.assert_array_equal(measure.average_ranks(a), (less + leq - 1) / 2)
+    np.testing.assert_array_equal(measure.average_ranks(a[0]), (less[0] + leq[0] - 1) / 2)
+
+
+@pytest.mark.parametrize("n", [2, 7, 18, 60])
+def test_bootstrap_spearman_equals_resampling_spearman_one_by_one(n):
+    """All resamples ranked at once give bootstrap_interval's interval over spearman of each
+    resample, bit for bit (the same draws; np.corrcoef's arithmetic on exact centred ranks), with
+    ties and constant resamples (dropped) among them; and spearman equals np.corrcoef of the ranks."""
+    rng = np.random.default_rng(n)
+    x, y = rng.integers(0, 4, n).astype(float), rng.normal(size=n)
+    y[: n // 2] = 1.0
+    one_by_one = measure.bootstrap_interval(
+        lambda i: measure.spearman(x[i], y[i]), n, num=500, seed=n
+    )
+    assert list(measure.bootstrap_spearman(x, y, num=500, seed=n)) == one_by_one
+    rx, ry = measure.average_ranks(x), measure.average_ranks(y)
+    assert measure.spearman(x, y) == float(np.corrcoef(rx, ry)[0, 1])
+
+
 def test_bootstrap_spearman_is_nan_when_no_resample_ranks():
     lo, hi = measure.bootstrap_spearman([1.0, 2.0, 3.0], [5.0, 5.0, 5.0], num=20)
     assert np.isnan(lo) and np.isnan(hi)

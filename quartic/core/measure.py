@@ -117,23 +117,45 @@ def time_to_threshold(
 # Statistics over seeds, pairs, units
 
 
+def average_ranks(a) -> np.ndarray:
+    """0-based ranks along the last axis, ties given the mean of their positions (the ranks of
+    Spearman's ρ); any leading axes are independent rows."""
+    a = np.asarray(a, float)
+    n = a.shape[-1]
+    order = np.argsort(a, axis=-1, kind="mergesort")
+    s = np.take_along_axis(a, order, -1)
+    pos = np.broadcast_to(np.arange(n), a.shape)
+    first = np.ones(a.shape, bool)  # where a tie group starts, and where one ends
+    first[..., 1:] = s[..., 1:] != s[..., :-1]
+    last = np.ones(a.shape, bool)
+    last[..., :-1] = first[..., 1:]
+    start = np.maximum.accumulate(np.where(first, pos, 0), axis=-1)
+    end = np.flip(np.minimum.accumulate(np.flip(np.where(last, pos, n - 1), -1), axis=-1), -1)
+    ranks = np.empty(a.shape)
+    np.put_along_axis(ranks, order, (start + end) / 2.0, -1)
+    return ranks
+
+
+def _rank_correlation(rx: np.ndarray, ry: np.ndarray) -> np.ndarray:
+    """Pearson's r of rank rows, NaN where a row is constant. The arithmetic is ``np.corrcoef``'s
+    (covariances times ``1 / (n − 1)``, then divided by each standard deviation in turn), so a row
+    gives the same bits as ``np.corrcoef`` of it: the centred ranks are half-integers, exact."""
+    n = rx.shape[-1]
+    x = rx - rx.mean(-1, keepdims=True)
+    y = ry - ry.mean(-1, keepdims=True)
+    f = np.true_divide(1, n - 1)
+    cxx, cyy, cxy = (x * x).sum(-1) * f, (y * y).sum(-1) * f, (x * y).sum(-1) * f
+    with np.errstate(divide="ignore", invalid="ignore"):
+        r = np.clip(cxy / np.sqrt(cxx) / np.sqrt(cyy), -1, 1)
+    return np.where((cxx == 0) | (cyy == 0), np.nan, r)
+
+
 def spearman(x, y) -> float:
     """Spearman rank correlation (average ranks for ties); NaN if either side is constant."""
-
-    def rank(a):
-        a = np.asarray(a, float)
-        order = np.argsort(a, kind="mergesort")
-        r = np.empty(len(a))
-        r[order] = np.arange(len(a))
-        for val in np.unique(a):
-            idx = a == val
-            r[idx] = r[idx].mean()
-        return r
-
-    rx, ry = rank(x), rank(y)
-    if rx.std() == 0 or ry.std() == 0:
+    rx, ry = average_ranks(x), average_ranks(y)
+    if len(rx) < 2:
         return float("nan")
-    return float(np.corrcoef(rx, ry)[0, 1])
+    return float(_rank_correlation(rx, ry))
 
 
 def bootstrap_interval(
@@ -168,12 +190,21 @@ def bootstrap_interval(
 def bootstrap_spearman(
     x, y, num: int = 2000, seed: int = 0, level: float = 0.95
 ) -> tuple[float, float]:
-    """Percentile bootstrap interval of Spearman's ρ (pairs resampled with replacement,
-    :func:`bootstrap_interval`); NaNs when no resample has a defined ρ (a constant side, or fewer
-    than two pairs)."""
-    x, y = np.asarray(x), np.asarray(y)
-    ci = bootstrap_interval(lambda i: spearman(x[i], y[i]), len(x), num, seed, level)
-    return (float("nan"), float("nan")) if ci is None else (ci[0], ci[1])
+    """Percentile bootstrap interval of Spearman's ρ (pairs resampled with replacement); NaNs when
+    no resample has a defined ρ (a constant side, or fewer than two pairs). The resamples and the
+    interval are :func:`bootstrap_interval`'s with ``statistic = spearman``, bit for bit
+    (tests/test_measure.py); all resamples are ranked at once (2,000 resamples of 18 pairs: 0.33 s
+    one by one, about 0.01 s so)."""
+    x, y = np.asarray(x, float), np.asarray(y, float)
+    n = len(x)
+    rng = np.random.default_rng(seed)
+    idx = np.stack([rng.integers(0, n, n) for _ in range(num)])  # bootstrap_interval's draws
+    vals = _rank_correlation(average_ranks(x[idx]), average_ranks(y[idx])) if n > 1 else []
+    vals = np.asarray(vals)[np.isfinite(vals)]
+    if not vals.size:
+        return float("nan"), float("nan")
+    lo, hi = np.quantile(vals, [(1 - level) / 2, (1 + level) / 2]).tolist()
+    return lo, hi
 
 
 def mean_std(values: Iterable, ddof: int = 1, extremes: bool = False) -> dict:
@@ -222,6 +253,7 @@ def fisher_norm(eigenvalues, basis, v) -> jax.Array:
 
 
 __all__ = [
+    "average_ranks",
     "bootstrap_interval",
     "bootstrap_spearman",
     "crossing_time",
