@@ -193,8 +193,9 @@ def bootstrap_spearman(
     """Percentile bootstrap interval of Spearman's ρ (pairs resampled with replacement); NaNs when
     no resample has a defined ρ (a constant side, or fewer than two pairs). The resamples and the
     interval are :func:`bootstrap_interval`'s with ``statistic = spearman``, bit for bit
-    (tests/test_measure.py); all resamples are ranked at once (2,000 resamples of 18 pairs: 0.33 s
-    one by one, about 0.01 s so)."""
+    (tests/test_measure.py); all resamples are ranked at once: 2,000 resamples of 18 pairs in
+    0.013 s, of 351 in 0.11 s, where the code before took 0.30 and 2.26 s
+    (``benchmarks/bootstrap_spearman.py``)."""
     x, y = np.asarray(x, float), np.asarray(y, float)
     n = len(x)
     rng = np.random.default_rng(seed)
