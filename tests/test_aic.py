@@ -328,13 +328,3 @@ def test_compiler_options_compile_their_own_program_with_the_same_values():
         np.testing.assert_allclose(getattr(lean_rep, name), getattr(plain, name), rtol=1e-12)
     with pytest.raises(QuarticError, match="compiler_options must be a mapping"):
         check([("xla_cpu_use_fusion_emitters", False)])
-
-
-def test_lean_compile_options_apply_on_a_known_jaxlib_and_cpu_only(monkeypatch):
-    from quartic.core import jit
-
-    monkeypatch.setattr(jit.jaxlib, "__version__", "0.10.2")
-    monkeypatch.setattr(jit.jax, "default_backend", lambda: "cpu")
-    assert jit.lean_compile_options() == jit.LEAN_COMPILE_OPTIONS
-    monkeypatch.setattr(jit.jax, "default_backend", lambda: "gpu")
-    assert jit.lean_compile_options() is None

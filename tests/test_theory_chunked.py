@@ -183,17 +183,20 @@ def test_the_onsets_fast_compiled_program_gives_plain_jits_coefficients(monkeypa
         assert np.abs(d_f - d_p).max() <= 1e-12 * np.abs(d_p).max()
 
 
-def test_fast_compile_options_apply_on_a_known_jaxlib_and_cpu_only(monkeypatch):
+@pytest.mark.parametrize("kind", ["fast", "lean"])
+def test_compile_options_apply_on_a_known_jaxlib_and_cpu_only(monkeypatch, kind):
+    """Both option sets of quartic.core.jit (the onset's fast ones, the AIC check's lean ones)."""
     from quartic.core import jit
 
+    options = getattr(jit, f"{kind}_compile_options")
     monkeypatch.setattr(jit.jaxlib, "__version__", "0.10.2")
     monkeypatch.setattr(jit.jax, "default_backend", lambda: "cpu")
-    assert jit.fast_compile_options() == jit.FAST_COMPILE_OPTIONS
+    assert options() == getattr(jit, f"{kind.upper()}_COMPILE_OPTIONS")
     monkeypatch.setattr(jit.jax, "default_backend", lambda: "gpu")
-    assert jit.fast_compile_options() is None
+    assert options() is None
     monkeypatch.setattr(jit.jax, "default_backend", lambda: "cpu")
     monkeypatch.setattr(jit.jaxlib, "__version__", "0.12.0")
-    assert jit.fast_compile_options() is None
+    assert options() is None
 
 
 def test_the_onset_runs_inside_another_jit():
