@@ -87,7 +87,8 @@ def lanczos_tridiag(matvec: Matvec, v0: jax.Array, num_iters: int) -> Tridiagona
     where the product's part outside the basis is below ``1e3·eps`` of the product ``‖A q‖``, so
     the test does not depend on A's scale (it compared with ``1e3·eps·(|α| + 1)``, which at the
     Fisher's scale, eigenvalues about 5e-3 at 30k parameters, called most float32 steps breakdowns
-    and gave top eigenvalues 2,000× too small: ``benchmarks/float32_check.py``).
+    and gave a top eigenvalue 1,900× too small: ``benchmarks/float32_check.py`` on the old code,
+    ``benchmarks/results/float32-check-before-7a9313e-cpu-2core.json``).
     """
     n = v0.shape[0]
     if not 1 <= num_iters <= n:
