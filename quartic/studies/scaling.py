@@ -256,6 +256,14 @@ def chunk_rows(n: int) -> int | None:
     return None if n <= CHUNK_ABOVE else 64
 
 
+def check_compiler_options(n: int) -> dict[str, bool | int] | None:
+    """XLA options for the AIC check's program at ``n`` parameters: at the chunked sizes (above
+    :data:`CHUNK_ABOVE`), where memory binds, :func:`quartic.core.jit.lean_compile_options` (its
+    compile set the 100k unit's peak; ``benchmarks/aic_lean_compile.py``), else XLA's defaults
+    (``None``). The study and ``benchmarks/scaling_child.py`` both take them from here."""
+    return jit.lean_compile_options() if chunk_rows(n) else None
+
+
 def _even_rows(total: int, rows: int) -> int:
     """The largest divisor of ``total`` that is at most ``rows`` (chunks of equal shape)."""
     if rows < 1:
@@ -352,8 +360,7 @@ def task_scaling(
         fisher_trace=trace,
         fisher_eigenpairs=spectrum,
         lambda_max_iters=lambda_max_iters,
-        # chunked sizes are the memory-bound ones: the check's compile set the 100k unit's peak
-        compiler_options=jit.lean_compile_options() if rows else None,
+        compiler_options=check_compiler_options(setup.n),
         **aic_args(setup, ft_data, rows),
     )
     cache.release_heap()  # each compile's freed heap, before the next compile
