@@ -1,17 +1,21 @@
 """Peak memory of one scaling-study unit (``experiments/scaling.py``'s ``_measure_model``) with and
-without its two memory measures: the freed heap returned between stages and inside each task
-(``quartic.core.cache.release_heap``) and the AIC check compiled with the lean options
+without each of its memory measures: the freed heap returned between stages and inside each task
+(``quartic.core.cache.release_heap``), the AIC check compiled with the lean options
 (``quartic.core.jit.lean_compile_options``: the older fusion emitters, for the chunked sizes above
-``scaling.CHUNK_ABOVE``).
+``scaling.CHUNK_ABOVE``), and the compiled programs dropped at the stage boundaries after which
+they do not run again (``quartic.core.cache.release_programs``: after θ*, after the spectrum,
+before the long fine-tuning). A last setting turns JAX's persistent compilation cache on, as the
+``quartic`` command does, which writes each new program to disk as it is compiled.
 
-    python benchmarks/aic_lean_compile.py [--size 100k] [--tasks sort,lookup]
-        [--out benchmarks/results/aic-lean-compile-cpu-2core.json]
+    python benchmarks/aic_lean_compile.py [--size 100k] [--tasks sort,lookup] [--long-steps 0]
+        [--only neither,heap,lean,programs,cache] [--out benchmarks/results/unit-memory-cpu-2core.json]
 
 Each setting runs alone in a fresh process with an empty θ* cache (θ* is trained in the process,
-as a first ``quartic reproduce`` does) and no persistent compilation cache, one after the other,
-with no long fine-tuning. A thread samples the resident memory every 10 ms: the peak of each stage
-and its base (the resident memory when it starts). Also written: each stage's seconds and every
-number the unit computes, so the settings' values can be compared (they should agree to rounding).
+as a first ``quartic reproduce`` does) and, but for ``cache``, no persistent compilation cache, one
+after the other. A thread samples the resident memory every 10 ms: the peak of each stage and its
+base (the resident memory when it starts). Also written: each stage's seconds and every number the
+unit computes, so the settings' values can be compared (they should agree to rounding). The first
+record (three settings, before ``release_programs``) is ``benchmarks/results/aic-lean-compile-cpu-2core.json``.
 """
 
 from __future__ import annotations
@@ -31,10 +35,17 @@ sys.path.insert(0, str(ROOT))
 from benchmarks.common import machine_info  # noqa: E402
 
 SETTINGS = {
-    "neither (the code before)": {"trim": False, "lean": False},
-    "heap released between stages": {"trim": True, "lean": False},
-    "heap released and the check compiled lean (the study's code)": {"trim": True, "lean": True},
-}
+    "neither": ("nothing released, XLA's default emitters (the code before 87f2b8c)",
+                {"trim": False, "lean": False, "programs": False, "cache": False}),
+    "heap": ("heap released between stages",
+             {"trim": True, "lean": False, "programs": False, "cache": False}),
+    "lean": ("heap released and the check compiled lean (the code before release_programs)",
+             {"trim": True, "lean": True, "programs": False, "cache": False}),
+    "programs": ("heap and finished programs released, the check lean (the study's code)",
+                 {"trim": True, "lean": True, "programs": True, "cache": False}),
+    "cache": ("the study's code with the persistent compilation cache on (as `quartic run`)",
+              {"trim": True, "lean": True, "programs": True, "cache": True}),
+}  # fmt: skip
 
 CHILD = r"""
 import json, sys, threading, time
@@ -63,13 +74,24 @@ state["base"] = state["peak"] = rss()
 exp.unit_note = note
 if not {trim!r}:
     cache.release_heap = lambda: False
+if not {programs!r}:
+    cache.release_programs = cache.release_heap
+if {cache!r}:
+    from quartic.harness import compile_cache
+    compile_cache.enable({compile_dir!r})
 if not {lean!r}:
     jit.lean_compile_options = lambda: None
-config = exp.Config(sizes=({size!r},), seeds=(0,), tasks={tasks!r}, taylor_order=4, long_steps=0)
+config = exp.Config(sizes=({size!r},), seeds=(0,), tasks={tasks!r}, taylor_order=4,
+                    long_steps={long_steps!r})
 t0 = time.perf_counter()
 unit = exp._measure_model(config, {size!r}, 0)
-out = {{"seconds": time.perf_counter() - t0, "stages": stages, "unit": unit,
-        "peak_mib": max(s["peak_mib"] for s in stages)}}
+seconds = time.perf_counter() - t0
+import gc
+gc.collect(); cache.trim_heap(); held = rss()  # the last programs compiled are still held
+jax.clear_caches(); gc.collect(); cache.trim_heap()
+out = {{"seconds": seconds, "stages": stages, "unit": unit,
+        "peak_mib": max(s["peak_mib"] for s in stages),
+        "end_mib": held, "programs_released_at_end_mib": held - rss()}}
 print("RESULT" + json.dumps(out, default=float))
 """
 
@@ -78,15 +100,25 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--size", default="100k")
     p.add_argument("--tasks", default="sort,lookup")
-    p.add_argument("--out", default="benchmarks/results/aic-lean-compile-cpu-2core.json")
+    p.add_argument("--long-steps", type=int, default=0, help="long fine-tuning steps per task")
+    p.add_argument("--only", default=",".join(SETTINGS), help="settings to run, in this order")
+    p.add_argument("--out", default="benchmarks/results/unit-memory-cpu-2core.json")
     a = p.parse_args()
     tasks = tuple(a.tasks.split(","))
+    only = a.only.split(",")
+    unknown = sorted(set(only) - set(SETTINGS))
+    if unknown:
+        p.error(f"unknown settings {unknown}; choose from {list(SETTINGS)}")
     results = {}
-    for name, s in SETTINGS.items():
-        with tempfile.TemporaryDirectory() as theta_cache:
+    for key in only:
+        name, s = SETTINGS[key]
+        with tempfile.TemporaryDirectory() as theta_cache, tempfile.TemporaryDirectory() as xla:
             env = {**os.environ, "QUARTIC_CACHE": theta_cache}
             env.pop("XLA_FLAGS", None)
-            code = CHILD.format(root=str(ROOT), size=a.size, tasks=tasks, **s)
+            code = CHILD.format(
+                root=str(ROOT), size=a.size, tasks=tasks, long_steps=a.long_steps,
+                compile_dir=xla, **s,
+            )  # fmt: skip
             t0 = time.perf_counter()
             done = subprocess.run(
                 [sys.executable, "-c", code], env=env, cwd=ROOT, capture_output=True, text=True
@@ -97,8 +129,14 @@ def main() -> None:
             raise SystemExit(f"{name}: the child failed\n{done.stderr[-3000:]}")
         r = json.loads(line[len("RESULT") :])
         r["wall_s"] = wall
-        results[name] = r
-        print(f"{name}: peak {r['peak_mib']:.0f} MiB, unit {r['seconds']:.1f} s", flush=True)
+        r["setting"] = name
+        results[key] = r
+        print(
+            f"{key}: peak {r['peak_mib']:.0f} MiB, unit {r['seconds']:.1f} s; at the end "
+            f"{r['end_mib']:.0f} MiB, {r['programs_released_at_end_mib']:.0f} MiB of it freed "
+            "by dropping the compiled programs",
+            flush=True,
+        )
         for st in r["stages"]:
             print(f"    {st['stage']}: base {st['base_mib']:.0f}, peak {st['peak_mib']:.0f} MiB")
     record = {
@@ -106,6 +144,7 @@ def main() -> None:
         "machine": machine_info(),
         "size": a.size,
         "tasks": list(tasks),
+        "long_steps": a.long_steps,
         "settings": results,
     }
     out = pathlib.Path(a.out)

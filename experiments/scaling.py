@@ -111,7 +111,7 @@ def _measure_model(config: Config, size: str, seed: int) -> dict:
     jax.config.update("jax_enable_x64", True)
     t0 = time.perf_counter()
     _, setup = scaling.aligned(size, seed, pretrain_lr=config.pretrain_lr)
-    cache.release_heap()
+    cache.release_programs()  # θ*'s training programs do not run again
     seconds = {"theta_star": time.perf_counter() - t0}
     unit_note(f"θ* ({setup.n:,} parameters) in {seconds['theta_star']:.1f} s")
     t0 = time.perf_counter()
@@ -119,7 +119,7 @@ def _measure_model(config: Config, size: str, seed: int) -> dict:
     spectrum, pairs = scaling.fisher_spectrum(
         setup, trace, config.spectrum_k, config.rank, config.share
     )
-    cache.release_heap()
+    cache.release_programs()  # nor do the trace's and the spectrum's
     seconds["spectrum"] = time.perf_counter() - t0
     unit_note(f"Fisher trace and top-{config.spectrum_k} spectrum in {seconds['spectrum']:.1f} s")
     tasks = {}
@@ -135,11 +135,11 @@ def _measure_model(config: Config, size: str, seed: int) -> dict:
             config.taylor_order,
             num_times=config.num_times,
         )
-        cache.release_heap()
         seconds[task] = time.perf_counter() - t0
         unit_note(f"task {task} (AIC, onset, flow) in {seconds[task]:.1f} s")
     long = {}
     if config.long_steps:
+        cache.release_programs()  # the tasks' programs (check, onset, flow) are done
         basis, eig_top = (
             pairs.vectors[:, : config.rank],
             jnp.asarray(spectrum["eigenvalues"][: config.rank]),

@@ -105,6 +105,30 @@ def test_clear_all_empties_every_registered_cache_and_memo():
         memo(0)
 
 
+def test_release_programs_drops_compiled_programs_and_keeps_the_memos():
+    """A jitted helper kept in a BoundedCache and a memo's entry survive release_programs; the
+    helper's compiled program does not (it compiles again when called, to the same value)."""
+    import jax
+    import jax.numpy as jnp
+
+    from quartic.core.cache import BoundedCache, memo, release_programs
+
+    @memo(maxsize=4)
+    def table(k):
+        return k * 10
+
+    c = BoundedCache(2)
+    f = c.get("plus", lambda: jax.jit(lambda x: jnp.sin(x) + 1))
+    x = jnp.arange(3.0)
+    first = f(x)
+    assert f._cache_size() == 1 and table(2) == 20
+    release_programs()
+    assert f._cache_size() == 0
+    assert len(c) == 1 and table.cache_info().currsize == 1
+    np.testing.assert_array_equal(c["plus"](x), first)
+    assert f._cache_size() == 1
+
+
 def test_average_ranks_match_their_definition_row_by_row():
     """Each element's rank is the mean of the 0-based positions its value takes in sorted order:
     (number of smaller elements + number of elements not larger − 1) / 2."""
