@@ -28,6 +28,10 @@ from quartic.studies import collapse, scaling  # noqa: E402
 from quartic.tasks import token_world as tw  # noqa: E402
 
 
+def peak_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
+
+
 def timed(fn):
     t0 = time.perf_counter()
     out = jax.block_until_ready(fn())
@@ -36,7 +40,7 @@ def timed(fn):
     out = jax.block_until_ready(fn())
     seconds = time.perf_counter() - t0
     cache.release_heap()  # as the study does after each step (scaling.task_scaling)
-    return out, {"first_s": first, "s": seconds}
+    return out, {"first_s": first, "s": seconds, "peak_rss_bytes_after": peak_bytes()}
 
 
 def main(size: str, order: int = 6, rank: int = 10) -> dict:
@@ -48,8 +52,9 @@ def main(size: str, order: int = 6, rank: int = 10) -> dict:
     ft_data = (batch, jnp.zeros_like(setup.theta), setup.theta)
     kl = setup.align_fns["kl"]
     rows = scaling.chunk_rows(setup.n)  # row chunks above 30k parameters: one chunk's memory
-    per_example = 1 if setup.n > 2_000_000 else 8  # [batch, 34, n] Jacobians in flight
-    trace, t_trace = timed(lambda: scaling.exact_trace(setup, per_example))
+    # the study's batch of per-example Jacobians (scaling.trace_batch: [batch, 34, n] ≤ 1 GiB)
+    per_example = scaling.trace_batch(setup.n, world.vocab_size, setup.theta.dtype.itemsize)
+    trace, t_trace = timed(lambda: scaling.exact_trace(setup))
 
     def check():
         return aic.check_aic(
@@ -71,12 +76,13 @@ def main(size: str, order: int = 6, rank: int = 10) -> dict:
             ).coefficients
         )
     )
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
+    peak = peak_bytes()
     return {
         "size": size,
         "n": setup.n,
         "rank": rank,
         "chunk_rows": rows,
+        "trace_batch": per_example,
         "taylor_order": order,
         "device": jax.devices()[0].device_kind,
         "exact_trace": t_trace,

@@ -187,9 +187,24 @@ def aic_args(setup: collapse.CollapseSetup, ft_data: tuple, rows: int | None) ->
     )
 
 
-def exact_trace(setup: collapse.CollapseSetup, batch_size: int = 8) -> float:
-    """``tr F`` exactly, from per-example Jacobians of the answer logits (no n × n matrix)."""
+#: Bytes of per-example Jacobians ``[batch, C, n]`` that :func:`exact_trace` keeps in flight.
+TRACE_JACOBIAN_BYTES = 2**30
+
+
+def trace_batch(n: int, classes: int, itemsize: int = 8, most: int = 8) -> int:
+    """Examples per batch of :func:`exact_trace` at ``n`` parameters and ``classes`` logits: the
+    most (up to ``most``) whose ``[batch, classes, n]`` Jacobians fit in
+    :data:`TRACE_JACOBIAN_BYTES`, at least 1 (8 up to 100k parameters; 3 at 1M with 34 logits,
+    where 8 meant 2.3 GB of Jacobians)."""
+    return int(min(most, max(1, TRACE_JACOBIAN_BYTES // (classes * n * itemsize))))
+
+
+def exact_trace(setup: collapse.CollapseSetup, batch_size: int | None = None) -> float:
+    """``tr F`` exactly, from per-example Jacobians of the answer logits (no n × n matrix),
+    ``batch_size`` examples at a time (default :func:`trace_batch`)."""
     apply_fn, to_params = setup.apply_fn, setup.to_params
+    if batch_size is None:
+        batch_size = trace_batch(setup.n, setup.world.vocab_size, setup.theta.dtype.itemsize)
 
     def single(th, tok, p):
         return apply_fn(to_params(th), tok[None, :])[0, p, :]
