@@ -194,8 +194,8 @@ TRACE_JACOBIAN_BYTES = 2**30
 def trace_batch(n: int, classes: int, itemsize: int = 8, most: int = 8) -> int:
     """Examples per batch of :func:`exact_trace` at ``n`` parameters and ``classes`` logits: the
     most (up to ``most``) whose ``[batch, classes, n]`` Jacobians fit in
-    :data:`TRACE_JACOBIAN_BYTES`, at least 1 (8 up to 100k parameters; 3 at 1M with 34 logits,
-    where 8 meant 2.3 GB of Jacobians)."""
+    :data:`TRACE_JACOBIAN_BYTES`, at least 1. With the token world's 34 logits in float64: 8 up
+    to 490k parameters, 3 at 1M (where 8 meant 2.3 GB of Jacobians), 1 above 2.0M."""
     return int(min(most, max(1, TRACE_JACOBIAN_BYTES // (classes * n * itemsize))))
 
 
