@@ -715,8 +715,8 @@ def markdown(res: dict) -> str:
         lines += [
             "## Scaling study: matrix-free AIC (d = 10) and Taylor onset (order 6), child process",
             "",
-            "| model | n | exact trace (s) | AIC check (s) [first] | Taylor-6 (s) [first] | peak RSS (GiB) |"
-            " ≤ 5 min, ≤ 5 min, ≤ 8 GB |",
+            "| model | n | exact trace (s) | AIC check (s) [first] | Taylor-6 (s) [first] | peak RSS"
+            " (GiB) [10⁹ bytes] | ≤ 5 min, ≤ 5 min, ≤ 8 GiB |",
             "| --- | ---: | ---: | ---: | ---: | ---: | --- |",
         ]
         for r in s["scaling"]["rows"]:
@@ -726,7 +726,7 @@ def markdown(res: dict) -> str:
             lines.append(
                 f"| {r['size']} | {r['n']:,} | {r['exact_trace']['s']:.1f} | {aic_s['s']:.1f} "
                 f"[{aic_s['first_s']:.1f}] | {tay_s['s']:.1f} [{tay_s['first_s']:.1f}] | "
-                f"{gib:.2f} | {_ok(ok)} |"
+                f"{gib:.2f} [{r['peak_rss_bytes'] / 1e9:.2f}] | {_ok(ok)} |"
             )
         lines.append("")
     if "sweep" in s and "single_s" in s["sweep"]:
