@@ -195,7 +195,8 @@ def trace_batch(n: int, classes: int, itemsize: int = 8, most: int = 8) -> int:
     """Examples per batch of :func:`exact_trace` at ``n`` parameters and ``classes`` logits: the
     most (up to ``most``) whose ``[batch, classes, n]`` Jacobians fit in
     :data:`TRACE_JACOBIAN_BYTES`, at least 1. With the token world's 34 logits in float64: 8 up
-    to 490k parameters, 3 at 1M (where 8 meant 2.3 GB of Jacobians), 1 above 2.0M."""
+    to 490k parameters, 3 at 1M (where 8 meant 2.3 GB of Jacobians: the trace alone peaked at
+    5.06 GiB, 2.36 with 3, 3 % slower; ``benchmarks/trace_batch.py``), 1 above 2.0M."""
     return int(min(most, max(1, TRACE_JACOBIAN_BYTES // (classes * n * itemsize))))
 
 
