@@ -114,13 +114,14 @@ def release_heap() -> bool:
 
 
 def release_programs() -> bool:
-    """Drop JAX's compiled programs (``jax.clear_caches``), then :func:`release_heap`: at a stage
-    boundary after which the programs compiled so far will not run again (the scaling study's
-    θ* training and Fisher spectrum, before its tasks compile theirs). The memos and
-    :class:`BoundedCache` entries stay: a jitted function they hold compiles again when called.
-    On XLA:CPU compiled programs hold far more than their code: at the end of the scaling study's
-    100k unit (θ* trained, spectrum, two tasks) dropping them freed 1,149 MiB, and releasing them
-    at its stage boundaries lowered its peak from 2,943 to 2,648 MiB (``benchmarks/aic_lean_compile.py``,
+    """Drop every compiled program of the process (``jax.clear_caches``: those compiled by other
+    code too), then :func:`release_heap`. For a stage boundary after which the programs compiled
+    so far will not run again (the scaling study's θ* training and Fisher spectrum, before its
+    tasks compile theirs). The memos and :class:`BoundedCache` entries stay: a jitted function
+    they hold compiles again when called. On XLA:CPU compiled programs hold far more than their
+    code: at the end of the scaling study's 100k unit (θ* trained, spectrum, two tasks) dropping
+    them freed 1,149 MiB, and releasing them at its stage boundaries lowered its peak from 2,943
+    to 2,648 MiB (``benchmarks/aic_lean_compile.py``,
     benchmarks/results/unit-memory-cpu-2core.json)."""
     jax.clear_caches()
     return release_heap()
