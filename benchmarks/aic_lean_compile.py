@@ -21,10 +21,8 @@ record (three settings, before ``release_programs``) is ``benchmarks/results/aic
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import pathlib
-import subprocess
 import sys
 import tempfile
 import time
@@ -32,7 +30,7 @@ import time
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.common import machine_info  # noqa: E402
+from benchmarks.common import run_child, write_record  # noqa: E402
 
 SETTINGS = {
     "neither": ("nothing released, XLA's default emitters (the code before 87f2b8c)",
@@ -120,15 +118,8 @@ def main() -> None:
                 compile_dir=xla, **s,
             )  # fmt: skip
             t0 = time.perf_counter()
-            done = subprocess.run(
-                [sys.executable, "-c", code], env=env, cwd=ROOT, capture_output=True, text=True
-            )
-            wall = time.perf_counter() - t0
-        line = next((x for x in done.stdout.splitlines() if x.startswith("RESULT")), None)
-        if done.returncode or line is None:
-            raise SystemExit(f"{name}: the child failed\n{done.stderr[-3000:]}")
-        r = json.loads(line[len("RESULT") :])
-        r["wall_s"] = wall
+            r = run_child(code, name, env)
+            r["wall_s"] = time.perf_counter() - t0
         r["setting"] = name
         results[key] = r
         print(
@@ -139,18 +130,7 @@ def main() -> None:
         )
         for st in r["stages"]:
             print(f"    {st['stage']}: base {st['base_mib']:.0f}, peak {st['peak_mib']:.0f} MiB")
-    record = {
-        "command": "python benchmarks/aic_lean_compile.py " + " ".join(sys.argv[1:]),
-        "machine": machine_info(),
-        "size": a.size,
-        "tasks": list(tasks),
-        "long_steps": a.long_steps,
-        "settings": results,
-    }
-    out = pathlib.Path(a.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(record, indent=1, default=float) + "\n")
-    print(f"wrote {out}")
+    write_record(a.out, size=a.size, tasks=list(tasks), long_steps=a.long_steps, settings=results)
 
 
 if __name__ == "__main__":

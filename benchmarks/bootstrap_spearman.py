@@ -13,7 +13,6 @@ Pair counts of the studies: 18 (the scaling study's long runs per size), 108 (it
 from __future__ import annotations
 
 import argparse
-import json
 import pathlib
 import statistics
 import sys
@@ -24,7 +23,7 @@ sys.path.insert(0, str(ROOT))
 
 import numpy as np  # noqa: E402
 
-from benchmarks.common import machine_info  # noqa: E402
+from benchmarks.common import write_record  # noqa: E402
 from quartic.core import measure  # noqa: E402
 
 
@@ -82,11 +81,7 @@ def main() -> None:
         print(f"{n} pairs: before {med['before af8020b']:.3f} s, one by one "
               f"{med['one by one']:.3f} s, at once {med['at once']:.4f} s "
               f"({rows[-1]['speedup_vs_before']:.0f}× the code before), the same interval {fast}")  # fmt: skip
-    record = {"command": "python benchmarks/bootstrap_spearman.py " + " ".join(sys.argv[1:]),
-              "machine": machine_info(), "resamples": 2000, "repeats": a.repeats, "rows": rows}  # fmt: skip
-    out = pathlib.Path(a.out)
-    out.write_text(json.dumps(record, indent=1) + "\n")
-    print(f"wrote {out}")
+    write_record(a.out, resamples=2000, repeats=a.repeats, rows=rows)
 
 
 if __name__ == "__main__":

@@ -17,20 +17,19 @@ from __future__ import annotations
 
 import argparse
 import collections
-import json
 import os
 import pathlib
 import re
-import subprocess
 import sys
 import tempfile
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.common import machine_info  # noqa: E402
+from benchmarks.common import run_child, write_record  # noqa: E402
 
 CHILD = r"""
+import json
 import jax, jax.numpy as jnp
 jax.config.update("jax_enable_x64", True)
 from quartic.core import aic
@@ -45,7 +44,7 @@ aic.check_aic(params=setup.theta, rank=10, method="lanczos", fisher_trace=trace,
               fisher_eigenpairs=pairs, lambda_max_iters=scaling.STUDY_LAMBDA_MAX_ITERS,
               compiler_options=scaling.check_compiler_options(setup.n),
               **scaling.aic_args(setup, ft_data, rows))
-print("n", setup.n)
+print("RESULT" + json.dumps({{"n": setup.n}}))
 """
 
 ALLOC = re.compile(r"^allocation (\d+): size (\d+),(.*)$")
@@ -87,12 +86,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as dump:
         flags = f"--xla_dump_to={dump} --xla_dump_hlo_as_text --xla_dump_hlo_module_re=.*measure.*"
         env = {**os.environ, "XLA_FLAGS": " ".join(filter(None, [caller_flags, flags]))}
-        done = subprocess.run(
-            [sys.executable, "-c", CHILD.format(size=a.size)],
-            env=env, cwd=ROOT, capture_output=True, text=True,
-        )  # fmt: skip
-        if done.returncode:
-            raise SystemExit(f"the child failed\n{done.stderr[-3000:]}")
+        n = run_child(CHILD.format(size=a.size), a.size, env)["n"]
         files = sorted(pathlib.Path(dump).glob("*jit_measure*buffer-assignment.txt"))
         if not files:
             raise SystemExit(f"no buffer assignment of the check's program (jit_measure) in {dump}")
@@ -102,18 +96,7 @@ def main() -> None:
     temp = found["bytes_by_kind"].get("preallocated-temp", 0)
     print(f"{a.size}: the check's temporary buffer {temp / 2**20:,.0f} MiB in "
           f"{found['temp_values']:,} values (largest {found['temp_largest_value_bytes'] / 2**20:.1f} MiB)")  # fmt: skip
-    record = {
-        "command": "python benchmarks/check_buffers.py " + " ".join(sys.argv[1:]),
-        "machine": machine_info(),
-        "size": a.size,
-        "xla_flags": caller_flags,
-        "n": int(done.stdout.split()[-1]),
-        **found,
-    }
-    out = pathlib.Path(a.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(record, indent=1) + "\n")
-    print(f"wrote {out}")
+    write_record(a.out, size=a.size, xla_flags=caller_flags, n=n, **found)
 
 
 if __name__ == "__main__":

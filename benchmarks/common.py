@@ -8,9 +8,13 @@ that compile inside (``check_aic``) it is read from JAX's own compile-duration e
 from __future__ import annotations
 
 import contextlib
+import json
 import os
+import pathlib
 import platform
 import statistics
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -167,6 +171,39 @@ def machine_info() -> dict:
         **env,
         "git_commit": env["quartic_commit"],
     }
+
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def run_child(code: str, what: str, env: dict | None = None) -> dict:
+    """``python -c code`` in a fresh process from the repository root (so its peak memory and its
+    compiled programs are its own), and the JSON it prints on a line starting with ``RESULT``.
+    ``SystemExit`` with the end of the child's stderr when it fails or prints no result."""
+    done = subprocess.run(
+        [sys.executable, "-c", code], env=env, cwd=ROOT, capture_output=True, text=True
+    )
+    line = next((x for x in done.stdout.splitlines() if x.startswith("RESULT")), None)
+    if done.returncode or line is None:
+        raise SystemExit(f"{what}: the child failed\n{done.stderr[-3000:]}")
+    return json.loads(line[len("RESULT") :])
+
+
+def write_record(out: str | os.PathLike, **fields) -> pathlib.Path:
+    """Write a benchmark's result file: the command that made it (this script, its arguments),
+    :func:`machine_info`, then ``fields``; returns the path."""
+    record = {
+        "command": " ".join(
+            ["python", f"benchmarks/{pathlib.Path(sys.argv[0]).name}", *sys.argv[1:]]
+        ),
+        "machine": machine_info(),
+        **fields,
+    }
+    path = pathlib.Path(out)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(record, indent=1, default=float) + "\n")
+    print(f"wrote {path}")
+    return path
 
 
 # ----------------------------------------------------------------------------------------------

@@ -13,17 +13,15 @@ persistent compilation cache. The residue raises the base on which a later exper
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import pathlib
-import subprocess
 import sys
 import tempfile
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.common import machine_info  # noqa: E402
+from benchmarks.common import run_child, write_record  # noqa: E402
 
 CHILD = r"""
 import gc, json, sys
@@ -65,19 +63,11 @@ def main() -> None:
             env = {**os.environ, **extra}
             env.pop("XLA_FLAGS", None)
             code = CHILD.format(root=str(ROOT), names=names, out=out)
-            done = subprocess.run([sys.executable, "-c", code], env=env, cwd=ROOT,
-                                  capture_output=True, text=True)  # fmt: skip
-        line = next((x for x in done.stdout.splitlines() if x.startswith("RESULT")), None)
-        if done.returncode or line is None:
-            raise SystemExit(f"{label}: the child failed\n{done.stderr[-3000:]}")
-        results[label] = json.loads(line[len("RESULT") :])
+            results[label] = run_child(code, label, env)
         print(label)
         for r in results[label]:
             print(f"    after {r['after']}: {r['rss_mib']:.0f} MiB, {r['live_arrays']} live arrays")
-    record = {"command": "python benchmarks/heap_residue.py " + " ".join(sys.argv[1:]),
-              "machine": machine_info(), "settings": results}  # fmt: skip
-    pathlib.Path(a.out).write_text(json.dumps(record, indent=1) + "\n")
-    print(f"wrote {a.out}")
+    write_record(a.out, settings=results)
 
 
 if __name__ == "__main__":

@@ -11,15 +11,12 @@ peak is the trace's alone. ``scaling.trace_batch`` picks the study's batch (3 at
 from __future__ import annotations
 
 import argparse
-import json
 import pathlib
-import subprocess
 import sys
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import machine_info  # noqa: E402
+from benchmarks.common import run_child, write_record  # noqa: E402
 
 CHILD = r"""
 import json, resource, time
@@ -53,29 +50,13 @@ def main() -> None:
     a = p.parse_args()
     rows = {}
     for batch in (int(b) for b in a.batches.split(",")):
-        done = subprocess.run(
-            [sys.executable, "-c", CHILD.format(size=a.size, batch=batch)],
-            cwd=ROOT, capture_output=True, text=True,
-        )  # fmt: skip
-        line = next((x for x in done.stdout.splitlines() if x.startswith("RESULT")), None)
-        if done.returncode or line is None:
-            raise SystemExit(f"batch {batch}: the child failed\n{done.stderr[-3000:]}")
-        r = rows[batch] = json.loads(line[len("RESULT") :])
+        r = rows[batch] = run_child(CHILD.format(size=a.size, batch=batch), f"batch {batch}")
         print(
             f"{a.size} batch {batch}: {r['first_s']:.1f} s first, {r['s']:.1f} s after; peak "
             f"{r['peak_rss_bytes'] / 2**30:.2f} GiB; trace {r['trace']!r}",
             flush=True,
         )
-    record = {
-        "command": "python benchmarks/trace_batch.py " + " ".join(sys.argv[1:]),
-        "machine": machine_info(),
-        "size": a.size,
-        "batches": rows,
-    }
-    out = pathlib.Path(a.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(record, indent=1) + "\n")
-    print(f"wrote {out}")
+    write_record(a.out, size=a.size, batches=rows)
 
 
 if __name__ == "__main__":
