@@ -323,6 +323,9 @@ def _measure_fn(
         else:
             f_mv = fisher_mv if fisher_mv is not None else h_a
         out = {"align_loss_fn": la(theta), "ft_loss_fn": lf(theta)}
+        f_g, f_hg = curvature.matvec_pair(
+            f_mv, g, hg
+        )  # F g and F Hg, one product of F in the program
         if method == "dense":
             # built and decomposed once per matrix, outside (curvature.top_eigh_descending)
             w, v = f_eig
@@ -333,7 +336,7 @@ def _measure_fn(
             zero = jnp.zeros_like(trace)
             out.update(trace=trace, tail=trace - jnp.sum(top), tail_se=zero, eigenvalues=w)
             out.update(neg_floor=zero, neg_mass=zero, tail_pos=trace - jnp.sum(top))
-            out.update(g_f_g_pos=jnp.vdot(g, f_mv(g)), hg_f_hg_pos=jnp.vdot(hg, f_mv(hg)))
+            out.update(g_f_g_pos=jnp.vdot(g, f_g), hg_f_hg_pos=jnp.vdot(hg, f_hg))
         elif method == "dense":
             out.update(trace=jnp.sum(w), tail=jnp.sum(w[rank:]), tail_se=jnp.zeros_like(w[0]))
             out["eigenvalues"] = w
@@ -374,8 +377,8 @@ def _measure_fn(
             gamma_u=jnp.linalg.norm(coords_hg),
             ortho=jnp.linalg.norm(basis.T @ g),
             g_norm=jnp.linalg.norm(g),
-            g_f_g=jnp.vdot(g, f_mv(g)),
-            hg_f_hg=jnp.vdot(hg, f_mv(hg)),
+            g_f_g=jnp.vdot(g, f_g),
+            hg_f_hg=jnp.vdot(hg, f_hg),
             # the rank-d positive part (what Lanczos knows of F₊)
             g_f_g_top=jnp.sum(jnp.clip(top, 0.0) * (basis.T @ g) ** 2),
             hg_f_hg_top=jnp.sum(jnp.clip(top, 0.0) * coords_hg**2),

@@ -36,12 +36,28 @@ def hvp(loss_fn: Callable[..., jax.Array], params: Any, v: Any, *args: Any) -> A
 
 
 def hvp_fn(loss_fn: Callable[[jax.Array], jax.Array], theta: jax.Array) -> Matvec:
-    """The Hessian of a flat ``loss_fn`` at ``theta`` as a matvec ``v[n] -> H v``.
+    """The Hessian of a flat ``loss_fn`` at ``theta`` as a matvec ``v[n] -> H v``, each product
+    forward-over-reverse (:func:`hvp`).
 
-    The gradient is linearised once, so repeated products reuse the forward pass.
+    No linearisation of ``∇L`` is kept: ``jax.linearize`` would hold the forward pass's residuals
+    for as long as the matvec lives, and for a loss summed over chunks of its data
+    (:func:`quartic.studies.scaling.chunked_loss`) one set per chunk. Ten products inside one
+    compiled loop took 0.89–1.09 times as long in this form as with the gradient linearised once
+    on the scaling study's models, and needed a seventh to a tenth of the temporary memory at 100k
+    parameters
+    (``benchmarks/hvp_linearize.py``, results in ``benchmarks/results/hvp-linearize-cpu-2core.json``).
     """
-    _, lin = jax.linearize(jax.grad(loss_fn), theta)
-    return lin
+    grad = jax.grad(loss_fn)
+    return lambda v: jax.jvp(grad, (theta,), (v,))[1]
+
+
+def matvec_pair(matvec: Matvec, u: jax.Array, v: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """``(A u, A v)`` as one batched product (``vmap`` over the two vectors): the operator appears
+    once in the traced program instead of once per call site, and a product that recomputes a
+    forward pass (a chunked Gauss–Newton or Hessian product) does it once for both tangents. Equal
+    to the two separate products up to rounding."""
+    au, av = jax.vmap(matvec)(jnp.stack([u, v]))
+    return au, av
 
 
 def dense_matrix(matvec: Matvec, n: int, dtype=None, chunk_size: int | None = 256) -> jax.Array:

@@ -18,6 +18,7 @@ from jax.experimental import jet
 
 from quartic.core.cache import memo
 from quartic.core.chunked import Chunked, weighted_sum
+from quartic.core.curvature import matvec_pair
 from quartic.core.errors import QuarticError
 from quartic.core.jit import compile_bound_jit
 
@@ -141,8 +142,10 @@ class Forecast(NamedTuple):
 
     @classmethod
     def from_vectors(cls, grad_a, align_hvp: Callable, g, hg) -> Forecast:
-        """From ``∇L_A``, a matvec of ``H_A`` (exact Hessian of L_A), ``g`` and ``Hg``."""
-        ha_g, ha_hg = align_hvp(g), align_hvp(hg)
+        """From ``∇L_A``, a matvec of ``H_A`` (exact Hessian of L_A), ``g`` and ``Hg``. The two
+        products ``H_A g`` and ``H_A Hg`` are one batched product (``vmap``): one copy of the
+        matvec in the compiled program, one forward pass shared by both tangents."""
+        ha_g, ha_hg = matvec_pair(align_hvp, g, hg)
         return cls(
             jnp.vdot(grad_a, g),
             jnp.vdot(grad_a, hg),

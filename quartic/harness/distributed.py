@@ -197,10 +197,9 @@ def sharded_dense_hessian(
 ) -> jax.Array:
     """The exact Hessian ``[n, n]`` of a flat ``loss_fn`` at ``theta``, columns sharded over devices.
 
-    Each device linearises ``∇loss`` at ``theta`` once and computes its block of columns
-    ``H e_j`` ``chunk_size`` at a time (``vmap`` inside ``lax.map``, as
-    :func:`quartic.core.curvature.dense_matrix` does on one device). Zero columns pad ``n`` to a multiple
-    of the device count and are cut off. The result is sharded by columns.
+    Each device computes its block of columns ``H e_j`` ``chunk_size`` at a time (``vmap`` inside
+    ``lax.map``, as :func:`quartic.core.curvature.dense_matrix` does on one device). Zero columns
+    pad ``n`` to a multiple of the device count and are cut off. The result is sharded by columns.
     """
     mesh = device_mesh() if mesh is None else mesh
     axis = mesh.axis_names[0]

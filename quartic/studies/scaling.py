@@ -129,15 +129,17 @@ def fisher_ops(setup: collapse.CollapseSetup, rows: int | None = None) -> aic.Ga
 
 def chunked_loss(fn: Callable[..., jax.Array]) -> Callable[[jax.Array, Chunked], jax.Array]:
     """``L(θ, c) = Σ_j w_j fn(θ, *c.parts_j)`` for a :class:`~quartic.core.chunked.Chunked` ``c``,
-    as a loss for :func:`quartic.core.aic.check_aic` whose Hessian products hold one chunk at a time.
+    as a loss for :func:`quartic.core.aic.check_aic` whose gradients and Hessian products hold one
+    chunk at a time.
 
     Its value is a scan over the chunks; its derivative (a ``custom_jvp``) is ``⟨∇L, θ̇⟩`` with
-    ``∇L = Σ_j w_j ∇fn_j`` a scan whose body is checkpointed (``jax.checkpoint``), so linearising
-    ``∇L`` (``curvature.hvp_fn``) keeps only each chunk's inputs, and every product ``Hv``
-    recomputes one chunk's forward and backward pass at a time instead of keeping the whole
-    batch's (2.1 GiB for the KL drift's 384 rows at 1M parameters). The data are not
-    differentiated (their tangents are taken as zero)."""
-    grad_chunk = jax.checkpoint(lambda th, part: jax.grad(fn)(th, *part))
+    ``∇L = Σ_j w_j ∇fn_j`` a scan of the chunks' gradients, so ``jax.grad`` does not keep the
+    whole batch's forward pass for its backward one (2.1 GiB for the KL drift's 384 rows at 1M
+    parameters). A product ``Hv`` (``curvature.hvp_fn``, forward-over-reverse) recomputes one
+    chunk's forward and backward pass at a time; ``jax.linearize`` of ``∇L`` would keep every
+    chunk's residuals instead (``benchmarks/hvp_linearize.py``). The data are not differentiated
+    (their tangents are taken as zero)."""
+    grad_chunk = lambda th, part: jax.grad(fn)(th, *part)
 
     def loss(theta, c):
         scalar = jax.ShapeDtypeStruct((), theta.dtype)
