@@ -48,6 +48,22 @@ def test_pytree_hvp_equals_flat_hvp(mlp):
     np.testing.assert_allclose(pytree.ravel(hv_tree)[0], hv_flat, rtol=1e-13, atol=1e-13)
 
 
+def test_matvec_pair_is_the_two_products_of_the_hessian(mlp):
+    # one batched product per operator (the AIC check's F g, F Hg and H_A g, H_A Hg): the same
+    # two columns as the dense Hessian's, to float64 rounding, jitted or not
+    params, batch = mlp
+    f, theta, _ = pytree.flat_fn(_mlp_loss, params, batch)
+    oracle = jax.hessian(f)(theta)
+    u, v = jax.random.normal(jax.random.PRNGKey(4), (2,) + theta.shape)
+    mv = curvature.hvp_fn(f, theta)
+    for au, av in (
+        curvature.matvec_pair(mv, u, v),
+        jax.jit(curvature.matvec_pair, static_argnums=0)(mv, u, v),
+    ):
+        np.testing.assert_allclose(au, oracle @ u, rtol=1e-12, atol=1e-13)
+        np.testing.assert_allclose(av, oracle @ v, rtol=1e-12, atol=1e-13)
+
+
 def test_parameter_subset_is_the_hessian_block(mlp):
     params, batch = mlp
     f, theta, _ = pytree.flat_fn(_mlp_loss, params, batch)
