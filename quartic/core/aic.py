@@ -323,9 +323,8 @@ def _measure_fn(
         else:
             f_mv = fisher_mv if fisher_mv is not None else h_a
         out = {"align_loss_fn": la(theta), "ft_loss_fn": lf(theta)}
-        f_g, f_hg = curvature.matvec_pair(
-            f_mv, g, hg
-        )  # F g and F Hg, one product of F in the program
+        # F g and F Hg: one product of F in the program
+        f_g, f_hg = curvature.matvec_pair(f_mv, g, hg)
         if method == "dense":
             # built and decomposed once per matrix, outside (curvature.top_eigh_descending)
             w, v = f_eig

@@ -37,18 +37,17 @@ def hvp(loss_fn: Callable[..., jax.Array], params: Any, v: Any, *args: Any) -> A
 
 def hvp_fn(loss_fn: Callable[[jax.Array], jax.Array], theta: jax.Array) -> Matvec:
     """The Hessian of a flat ``loss_fn`` at ``theta`` as a matvec ``v[n] -> H v``, each product
-    forward-over-reverse (:func:`hvp`).
+    :func:`hvp` (forward-over-reverse).
 
     No linearisation of ``∇L`` is kept: ``jax.linearize`` would hold the forward pass's residuals
     for as long as the matvec lives, and for a loss summed over chunks of its data
     (:func:`quartic.studies.scaling.chunked_loss`) one set per chunk. Ten products inside one
     compiled loop took 0.89–1.09 times as long in this form as with the gradient linearised once
     on the scaling study's models, and needed a seventh to a tenth of the temporary memory at 100k
-    parameters
-    (``benchmarks/hvp_linearize.py``, results in ``benchmarks/results/hvp-linearize-cpu-2core.json``).
+    parameters (``benchmarks/hvp_linearize.py``, results in
+    ``benchmarks/results/hvp-linearize-cpu-2core.json``).
     """
-    grad = jax.grad(loss_fn)
-    return lambda v: jax.jvp(grad, (theta,), (v,))[1]
+    return lambda v: hvp(loss_fn, theta, v)
 
 
 def matvec_pair(matvec: Matvec, u: jax.Array, v: jax.Array) -> tuple[jax.Array, jax.Array]:

@@ -562,7 +562,7 @@ class AdamForecast(NamedTuple):
     ) -> AdamForecast:
         """From ``∇L_A``, a matvec of ``H_A``, ``g`` and a matvec of ``H`` (the FT Hessian)."""
         v = adam_directions(g, ft_hvp, eps)
-        hv = jnp.stack([align_hvp(v[i]) for i in range(3)])
+        hv = jax.vmap(align_hvp)(v)  # one batched product of H_A, as matvec_pair
         return cls(v @ grad_a, v @ hv.T)
 
     def _quad(self, c):
