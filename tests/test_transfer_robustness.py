@@ -214,6 +214,36 @@ def small_lang():
     return syn.make_language(syn.LanguageConfig(n_concepts=12, max_synonyms=4, n_stop=4, seed=2))
 
 
+@pytest.mark.parametrize("pooling", ["mean", "last"])
+def test_probe_on_cached_features_takes_the_steps_of_the_full_forward(pooling):
+    """A linear probe (``trainable="head"``) trains the head on the frozen body's features
+    computed once; ``cache_features=False`` runs the body at every step, as the probe did before.
+    The two are the same minibatch Adam on the same function of the head, so in float64 they
+    agree to rounding: 1e-12 relative leaves room for XLA rounding the features differently in the
+    two programs (~1e-16) through 24 steps of a two-class linear head. Three models (vmapped),
+    80 training rows in batches of 8 (the last feature chunk partly filled)."""
+    config = tiny_config(archs=("decoder",), pooling=pooling, n_seeds=3)
+    clf = dataclasses.replace(pipeline.model_cfg(config, "2k", "decoder"), param_dtype="float64")
+    split = pipeline.world(config)[2][("surface", "political")]
+    train = {k: v[:76] for k, v in split.source_train.items()}  # 76 = 9 · 8 + 4
+    val = {k: v[: config.n_val_eval] for k, v in split.val.items()}
+    start = models.stack([models.init_params(clf, 1000 + i) for i in range(3)])
+    fc = trainer.FitConfig(24, 8, 1e-2, 6)
+    keys = pipeline._keys(config, "probe", pooling)
+    fit = lambda cached: trainer.fit(  # noqa: E731
+        "clf", clf, start, train, val, keys, fc, trainable="head", cache_features=cached
+    )
+    cached, full = fit(True), fit(False)
+    moved = jax.tree.leaves(jax.tree.map(lambda a, b: not np.array_equal(a, b), full.params, start))
+    assert any(moved), "the reference probe did not move the head"
+    for a, b in zip(jax.tree.leaves(cached.params), jax.tree.leaves(full.params), strict=True):
+        assert a.dtype == np.float64
+        np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-12 * float(np.max(np.abs(b))))
+    np.testing.assert_allclose(cached.val_curve, full.val_curve, rtol=1e-12)
+    np.testing.assert_allclose(cached.train_curve, full.train_curve, rtol=1e-12)
+    assert np.array_equal(cached.best_step, full.best_step)
+
+
 def test_lora_merge_and_body_carry(small_lang):
     v = small_lang.vocab_size
     lm = tr.model_config("2k", "decoder", vocab_size=v, seq_len=10, head="lm")

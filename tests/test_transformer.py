@@ -9,6 +9,7 @@ import pytest
 from flax import nnx
 from jax.flatten_util import ravel_pytree
 
+from quartic.core.errors import QuarticError
 from quartic.models import (
     PRESETS,
     BaseParam,
@@ -116,6 +117,19 @@ def test_classifier_ignores_padding(pooling):
     # ... while a real token in those positions does change the answer.
     filled = padded.at[:, 6].set(5)
     assert float(jnp.max(jnp.abs(run(model, filled) - run(model, x)))) > 1e-6
+
+
+@pytest.mark.parametrize("pooling", ["mean", "last"])
+def test_head_of_features_is_the_classifier(pooling):
+    """``features`` is the head's input: ``head(features(t)) == model(t)`` with PAD in the rows
+    (float64, one program each: rounding only); an LM has no pooled features."""
+    model = make(config(causal=False, n_classes=3, pooling=pooling))
+    x = tokens(batch=3, length=6).at[1, -2:].set(0)
+    z = model.features(x)
+    assert z.shape == (3, 8)
+    np.testing.assert_allclose(np.asarray(model.head(z)), np.asarray(run(model, x)), atol=1e-12)
+    with pytest.raises(QuarticError, match="LM head"):
+        make(LM).features(x)
 
 
 @pytest.mark.parametrize("cfg", [LM, ENCODER], ids=["lm", "encoder"])

@@ -400,19 +400,35 @@ class Transformer(nnx.Module):
             if tokens_mask.shape != (b, t):
                 raise QuarticError(f"tokens_mask must be [{b}, {t}], got {tokens_mask.shape}")
             mask = tokens_mask.astype(bool)
-        for block in self.blocks:
-            x = block(x, mask)
-        h = self.ln_final(x)
+        h = self._hidden(x, mask)
         if self.config.n_classes is None:
             return self.head(h)
+        return self.head(self._pool(h, mask))
+
+    def _hidden(self, x: jax.Array, mask: jax.Array) -> jax.Array:
+        """The final hidden states ``h [B, T, D]``: the blocks and the last LayerNorm."""
+        for block in self.blocks:
+            x = block(x, mask)
+        return self.ln_final(x)
+
+    def _pool(self, h: jax.Array, mask: jax.Array) -> jax.Array:
+        """The classifier's read-out ``[B, D]`` of the final hidden states ``h [B, T, D]``."""
+        b, t, _ = h.shape
         m = mask.astype(h.dtype)
         if self.config.pooling == "mean":
             denom = jnp.maximum(jnp.sum(m, axis=1, keepdims=True), 1.0)
-            pooled = jnp.sum(h * jnp.reshape(m, (b, t, 1)), axis=1) / denom
-        else:  # "last": the last non-PAD position (position 0 if the row is all PAD)
-            last = jnp.maximum(jnp.sum(mask.astype(jnp.int32), axis=1) - 1, 0)
-            pooled = jnp.take_along_axis(h, jnp.reshape(last, (b, 1, 1)), axis=1)[:, 0, :]
-        return self.head(pooled)
+            return jnp.sum(h * jnp.reshape(m, (b, t, 1)), axis=1) / denom
+        # "last": the last non-PAD position (position 0 if the row is all PAD)
+        last = jnp.maximum(jnp.sum(mask.astype(jnp.int32), axis=1) - 1, 0)
+        return jnp.take_along_axis(h, jnp.reshape(last, (b, 1, 1)), axis=1)[:, 0, :]
+
+    def features(self, tokens: jax.Array) -> jax.Array:
+        """The classifier head's input: pooled final hidden states ``[B, D]`` of int ``tokens
+        [B, T]``, so that ``head(features(t)) == __call__(t)``. Classifier configs only."""
+        if self.config.n_classes is None:
+            raise QuarticError("features: the model has an LM head (n_classes=None), no pooling")
+        mask = self.padding_mask(tokens)
+        return self._pool(self._hidden(self.embed(tokens), mask), mask)
 
     def __call__(self, tokens: jax.Array) -> jax.Array:
         """int tokens ``[B, T]`` -> logits ``[B, T, V]`` (LM) or ``[B, n_classes]`` (classifier)."""

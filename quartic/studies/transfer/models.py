@@ -94,6 +94,8 @@ class _ModelFns(NamedTuple):
     call: Any  # (params, tokens[B, T]) -> logits
     embed: Any  # (params, tokens[B, T]) -> [B, T, D]
     from_embeddings: Any  # (params, emb[B, T, D], mask[B, T]) -> logits
+    features: Any  # (params, tokens[B, T]) -> the head's input [B, D] (classifiers only)
+    head: Any  # (params, features[B, D]) -> logits
     treedef: Any
     names: tuple[str, ...]
 
@@ -104,9 +106,11 @@ def _model_fns(cfg: TransformerConfig) -> _ModelFns:
     call, params = functional(model)
     embed, _ = functional(model, method="embed")
     from_emb, _ = functional(model, method="from_embeddings")
+    features, _ = functional(model, method="features")
+    head, _ = functional(model, method="head")
     paths, treedef = jax.tree_util.tree_flatten_with_path(params)
     names = tuple(path_name(p) for p, _ in paths)
-    return _ModelFns(call, embed, from_emb, treedef, names)
+    return _ModelFns(call, embed, from_emb, features, head, treedef, names)
 
 
 def n_trainable(cfg: TransformerConfig, ft: str) -> int:

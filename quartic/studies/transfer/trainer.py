@@ -148,6 +148,17 @@ def _trainable_mask(names: tuple[str, ...], trainable: str) -> tuple[bool, ...]:
     raise QuarticError(f"trainable must be 'full', 'lora' or 'head', got {trainable!r}")
 
 
+def _features(features_fn, params: dict, tokens: jax.Array, rows: int) -> jax.Array:
+    """``features_fn(params, tokens)`` over ``tokens [N, T]`` in chunks of ``rows`` rows (the last
+    one filled with copies of the first rows and cut off), so memory holds one chunk's
+    activations."""
+    n = tokens.shape[0]
+    chunks = -(-n // rows)
+    padded = jnp.concatenate([tokens, tokens[: chunks * rows - n]]) if chunks * rows > n else tokens
+    out = jax.lax.map(lambda t: features_fn(params, t), padded.reshape(chunks, rows, -1))
+    return out.reshape(chunks * rows, -1)[:n]
+
+
 @memo(maxsize=64)
 def _fit_program(
     objective: str,
@@ -155,6 +166,7 @@ def _fit_program(
     trainable: str,
     fit_config: FitConfig,
     data_per_model: bool,
+    cache_features: bool,
 ):
     fns = _model_fns(cfg)
     mask = _trainable_mask(fns.names, trainable)
@@ -166,9 +178,34 @@ def _fit_program(
         it_t, it_f = iter(train_leaves), iter(frozen_leaves)
         return fns.treedef.unflatten([next(it_t) if m else next(it_f) for m in mask])
 
+    if cache_features:
+        # A linear probe: the body is frozen, so the head's input (the pooled features) is the
+        # same at every step. Compute it once per row and train the head on it: the same steps
+        # without a forward pass of the body each. The training rows go through the body in
+        # chunks of a step's batch shape and the validation rows in one piece, the shapes the
+        # body had before, so that XLA rounds them as it did (benchmarks/probe_features.py).
+        def prepare(train_leaves, frozen_leaves, data, val):
+            params = full(train_leaves, frozen_leaves)
+            embed = lambda d, rows: {  # noqa: E731
+                "features": _features(fns.features, params, d["tokens"], rows),
+                "labels": d["labels"],
+            }
+            return embed(data, fit_config.batch_size), embed(val, val["tokens"].shape[0])
+
+        def objective_loss(tl, frozen_leaves, batch, key):
+            logits = fns.head(full(tl, frozen_leaves), batch["features"])
+            return jnp.mean(_ce(logits, batch["labels"]))
+    else:
+        prepare = lambda train_leaves, frozen_leaves, data, val: (data, val)  # noqa: E731
+
+        def objective_loss(tl, frozen_leaves, batch, key):
+            return loss_fn(full(tl, frozen_leaves), batch, key)
+
     def one(train_leaves, frozen_leaves, data, val, key):
+        data, val = prepare(train_leaves, frozen_leaves, data, val)
+
         def batch_of(k):
-            n = data["tokens"].shape[0]
+            n = data["labels" if "labels" in data else "tokens"].shape[0]
             idx = jax.random.randint(k, (fit_config.batch_size,), 0, n, dtype=jnp.int32)
             return {name: x[idx] for name, x in data.items()}
 
@@ -177,7 +214,7 @@ def _fit_program(
             k_batch, k_loss = jax.random.split(k)
             batch = batch_of(k_batch)
             loss, grads = jax.value_and_grad(
-                lambda t: loss_fn(full(t, frozen_leaves), batch, k_loss)
+                lambda t: objective_loss(t, frozen_leaves, batch, k_loss)
             )(tl)
             with optax_promotion():
                 updates, opt_state = optimizer.update(grads, opt_state, tl)
@@ -190,7 +227,7 @@ def _fit_program(
             (tl, opt_state), losses = jax.lax.scan(
                 step, (tl, opt_state), jax.random.split(k, fit_config.eval_every)
             )
-            v = loss_fn(full(tl, frozen_leaves), val, val_key)
+            v = objective_loss(tl, frozen_leaves, val, val_key)
             better = v < best_val
             best = jax.tree.map(lambda a, b: jnp.where(better, a, b), tl, best)
             best_val = jnp.where(better, v, best_val)
@@ -221,6 +258,7 @@ def fit(
     *,
     trainable: str = "full",
     data_per_model: bool = False,
+    cache_features: bool = True,
     desc: str = "fit",
 ) -> FitResult:
     """Train ``M`` models (``params`` stacked ``[M, ...]``, ``keys [M, 2]``) on one objective.
@@ -232,6 +270,9 @@ def fit(
         model its own set, e.g. its own source task).
       trainable: ``"full"``, ``"lora"`` (adapters and head; needs ``cfg.lora_rank > 0``) or
         ``"head"`` (a linear probe of the frozen body).
+      cache_features: for ``trainable="head"``, compute the frozen body's pooled features once
+        per row and train the head on them (the same steps up to rounding, without a forward
+        pass of the body per step); ``False`` runs the body at every step (the reference).
 
     Returns:
       A :class:`FitResult`; ``params`` are the checkpoint with the lowest validation loss.
@@ -240,7 +281,8 @@ def fit(
       DivergenceError: a training or validation loss was not finite (``partial`` holds the curves).
     """
     _check_objective(objective, cfg)
-    program, mask = _fit_program(objective, cfg, trainable, fit_config, data_per_model)
+    probe = cache_features and trainable == "head" and objective == "clf"
+    program, mask = _fit_program(objective, cfg, trainable, fit_config, data_per_model, probe)
     fns = _model_fns(cfg)
     leaves = jax.tree.leaves(params)
     if len(leaves) != len(fns.names):
