@@ -33,7 +33,10 @@ from quartic.core.jit import FAST_COMPILE_OPTIONS, fast_compile_known
 ENV_SWITCH = "QUARTIC_COMPILATION_CACHE"
 ENV_DIR = "QUARTIC_CACHE_DIR"
 OFF = ("0", "off", "false", "no")
-# Programs that compile faster than this are not written (reading one back costs about as much).
+# Programs that compile faster than this are not written. Writing every program (threshold 0) made
+# both a first and a second run of the scaling study's 2k and 30k models slower, in two repeats:
+# 126.0 -> 132.9 s and 55.8 -> 61.1 s, then 142.8 -> 166.2 s and 68.0 -> 75.2 s, 29 entries against
+# 200 (``python benchmarks/cache_threshold.py``, benchmarks/results/cache-threshold-cpu-2core.json).
 MIN_COMPILE_SECONDS = 0.2
 
 COMPILE_EVENTS = (
