@@ -16,7 +16,8 @@ from quartic.harness import checkpoint
 from quartic.harness.cli import load_experiment
 from quartic.harness.runs import read_json
 from quartic.studies import transfer as tr
-from quartic.studies.transfer import baseline, models, pipeline, trainer
+from quartic.studies.transfer import baseline, evaluate, models, pipeline, trainer
+from quartic.studies.transfer.attack import AttackConfig, make_attack_fn
 from quartic.studies.transfer.summary import BRIDGE_QUANTITIES
 from quartic.tasks import synonyms as syn
 
@@ -242,6 +243,49 @@ def test_probe_on_cached_features_takes_the_steps_of_the_full_forward(pooling):
     np.testing.assert_allclose(cached.val_curve, full.val_curve, rtol=1e-12)
     np.testing.assert_allclose(cached.train_curve, full.train_curve, rtol=1e-12)
     assert np.array_equal(cached.best_step, full.best_step)
+
+
+_TRACES: list[str] = []
+jax.monitoring.register_event_duration_secs_listener(
+    lambda event, duration, **_: (
+        _TRACES.append(event) if event == "/jax/core/compile/jaxpr_trace_duration" else None
+    )
+)
+
+
+@pytest.mark.parametrize("method", ["a2t", "wir"])
+def test_attack_models_one_program_for_every_budget(method):
+    """``attack_models`` passes the query budget to one compiled program as an argument: every
+    budget (binding, loose, none) gives, model by model, the attack compiled with that budget
+    fixed (``make_attack_fn``, the budget a constant; one model, one chunk): the same tokens,
+    statuses and counts, and probabilities equal to float64 rounding (the two programs' shapes
+    differ). The second and third budgets trace nothing new."""
+    config = tiny_config(archs=("decoder",), n_seeds=2)
+    lang, _, splits, table = pipeline.world(config)
+    clf = dataclasses.replace(pipeline.model_cfg(config, "2k", "decoder"), param_dtype="float64")
+    params = models.stack([models.init_params(clf, 7 + i) for i in range(2)])
+    test = {k: v[:12] for k, v in splits[("surface", "political")].test.items()}
+    fns = models._model_fns(clf)
+    logits_fn = lambda p, emb, tokens: fns.from_embeddings(p, emb, tokens != clf.pad_id)  # noqa: E731
+    statuses = set()
+    for i, budget in enumerate((3, 40, None)):
+        ac = AttackConfig(query_budget=budget, method=method, mask_token=syn.PAD)
+        before = len(_TRACES)
+        got = evaluate.attack_models(clf, params, test, table, ac, batch_size=5)
+        if i:
+            assert len(_TRACES) == before, f"budget {budget} traced a new program"
+        fixed = make_attack_fn(fns.embed, logits_fn, ac)
+        for m, res in enumerate(got):
+            one = jax.tree.map(lambda x, m=m: x[m], params)
+            want = fixed(one, jnp.asarray(test["tokens"]), jnp.asarray(test["labels"]), table)
+            for field in res._fields:  # probabilities: two programs' float64 rounding
+                a, b = getattr(res, field), np.asarray(getattr(want, field))
+                if field.endswith("probs"):
+                    np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-15, err_msg=field)
+                else:
+                    np.testing.assert_array_equal(a, b, err_msg=field)
+            statuses |= set(res.status.tolist())
+    assert len(statuses) > 1, "every example ended the same way: the comparison is too weak"
 
 
 def test_lora_merge_and_body_carry(small_lang):

@@ -341,12 +341,15 @@ def greedy_attack(
     embed_fn: EmbedFn,
     logits_fn: LogitsFn,
     config: AttackConfig = AttackConfig(),
+    query_budget: jax.Array | None = None,
 ) -> AttackResult:
     """Attack every example of ``tokens[B, T]`` with true ``labels[B]`` (see the module docstring):
     A2T, or with ``config.method == "wir"`` the deletion-ranked attack under the same constraints.
 
     Jit-compatible (``embed_fn``, ``logits_fn`` and ``config`` static); use ``make_attack_fn``
-    for the jitted version.
+    for the jitted version. ``query_budget``, an integer scalar that may be traced, replaces
+    ``config.query_budget`` (a negative value: no budget), so that one compiled program serves
+    every budget; the budget only enters integer comparisons, so the result is the same.
     """
     tokens = jnp.asarray(tokens).astype(jnp.int32)
     labels = jnp.asarray(labels).astype(jnp.int32)
@@ -362,7 +365,12 @@ def greedy_attack(
     # An unlimited budget is one that can never bind: at most T positions of K candidates (and,
     # for "wir", T masked sequences to rank them).
     unlimited = t * k + 1 + (t if wir else 0)
-    budget = config.query_budget if config.query_budget is not None else unlimited
+    if query_budget is not None:
+        budget = jnp.where(query_budget < 0, unlimited, query_budget).astype(jnp.int32)
+    elif config.query_budget is not None:
+        budget = config.query_budget
+    else:
+        budget = unlimited
 
     rank_fn = wir_order if wir else importance_order
     order, n_eligible, _, clean_logits = rank_fn(

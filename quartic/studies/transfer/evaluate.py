@@ -3,7 +3,10 @@ transfer study at once, and when a finite query budget is the unlimited one."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from quartic.core.cache import memo
@@ -23,18 +26,21 @@ __all__ = ["attack_models", "budget_is_unlimited"]
 
 @memo(maxsize=64)
 def _attack_program(cfg: TransformerConfig, config: AttackConfig):
+    """The attack of ``M`` stacked classifiers, its query budget an argument (``-1``: none), so
+    every budget of one config shares a compiled program; ``config.query_budget`` is not read."""
     fns = _model_fns(cfg)
 
     def logits_fn(params, emb, tokens):
         return fns.from_embeddings(params, emb, tokens != cfg.pad_id)
 
-    def one(params, tokens, labels, table):
+    def one(params, tokens, labels, table, budget):
         return greedy_attack(
-            params, tokens, labels, table, embed_fn=fns.embed, logits_fn=logits_fn, config=config
-        )
+            params, tokens, labels, table, embed_fn=fns.embed, logits_fn=logits_fn, config=config,
+            query_budget=budget,
+        )  # fmt: skip
 
     # Examples first (out_axes=1), so attack_dataset's chunking along axis 0 applies unchanged.
-    return jax.jit(jax.vmap(one, in_axes=(0, None, None, None), out_axes=1))
+    return jax.jit(jax.vmap(one, in_axes=(0, None, None, None, None), out_axes=1))
 
 
 def attack_models(
@@ -49,8 +55,12 @@ def attack_models(
     ``params``; one :class:`~quartic.studies.attack.AttackResult` (numpy) per model."""
     if cfg.lora_rank:
         raise QuarticError("attack the merged model: merge_lora(params) with lora_rank=0")
-    program = _attack_program(cfg, config)
-    res = attack_dataset(program, params, batch, table, batch_size=batch_size)
+    program = _attack_program(cfg, dataclasses.replace(config, query_budget=None))
+    budget = jnp.asarray(-1 if config.query_budget is None else config.query_budget, jnp.int32)
+    res = attack_dataset(
+        lambda p, tokens, labels, tb: program(p, tokens, labels, tb, budget),
+        params, batch, table, batch_size=batch_size,
+    )  # fmt: skip
     m = res.status.shape[1]
     return [AttackResult(*(np.asarray(f)[:, i] for f in res)) for i in range(m)]
 
