@@ -69,6 +69,8 @@ def main() -> None:
     logger.addHandler(programs)
     logger.setLevel(logging.DEBUG)
     logger.propagate = False  # the records are counted, not printed
+    for other in ("jax._src.interpreters.pxla", "jax._src.compiler"):  # their per-compile lines
+        logging.getLogger(other).setLevel(logging.ERROR)
     jax.config.update("jax_log_compiles", True)
 
     from quartic.harness.cli import main as quartic_main
