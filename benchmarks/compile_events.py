@@ -11,7 +11,8 @@ prints, after the command's own output:
   count;
 - per counted event (cache hits and misses, requests that could use the cache): the count;
 - per program name, from JAX's ``Finished XLA compilation of NAME in S sec`` log records: total
-  seconds and count, the largest first.
+  seconds and count, the largest first. JAX times the compile or the persistent cache's read
+  with that line, so for a program found in the cache it is the read.
 """
 
 from __future__ import annotations
