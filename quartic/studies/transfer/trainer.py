@@ -151,7 +151,11 @@ def _trainable_mask(names: tuple[str, ...], trainable: str) -> tuple[bool, ...]:
 def _features(features_fn, params: dict, tokens: jax.Array, rows: int) -> jax.Array:
     """``features_fn(params, tokens)`` over ``tokens [N, T]`` in chunks of ``rows`` rows (the last
     one filled with copies of the first rows and cut off), so memory holds one chunk's
-    activations."""
+    activations. Not ``lax.map(..., batch_size=rows)`` of a one-row function: that vmaps the body
+    over rows of shape ``[1, T]``, which XLA rounds differently from the training step's
+    ``[rows, T]`` batches (probed parameters 3e-7 to 2e-6 apart at 2k and 30k, compiling 0.3–0.6
+    s longer; ``benchmarks/results/probe-features-laxmap-variant-cpu-2core.json`` says how it was
+    measured)."""
     n = tokens.shape[0]
     chunks = -(-n // rows)
     padded = jnp.concatenate([tokens, tokens[: chunks * rows - n]]) if chunks * rows > n else tokens
