@@ -110,8 +110,9 @@ def test_theory_map_functions_exist(name):
 #
 # A results table (README.md, docs/results.md) has a column "source" naming, for each number of
 # its "measured" cell, the key it comes from: `NAME:dotted.key` in results/quick/NAME/summary.json,
-# or `full/NAME:dotted.key` in results/full/NAME/summary.json (a committed full run; list items by
-# index: `curved.0.c4_over_paper`). The cell's numbers and the keys pair up in
+# `full/NAME:dotted.key` in results/full/NAME/summary.json (a committed full run), or
+# `bench/NAME:dotted.key` in benchmarks/results/NAME.json (a committed benchmark record; list
+# items by index: `curved.0.c4_over_paper`). The cell's numbers and the keys pair up in
 # order; each number must equal the key's value rounded to the digits the table shows.
 
 RESULTS = ROOT / "results"
@@ -141,7 +142,10 @@ def _table_rows(page: pathlib.Path):
 
 def _lookup(ref: str):
     name, _, dotted = ref.partition(":")
-    path = RESULTS / (name if name.startswith("full/") else f"quick/{name}") / "summary.json"
+    if name.startswith("bench/"):
+        path = ROOT / "benchmarks" / "results" / f"{name.removeprefix('bench/')}.json"
+    else:
+        path = RESULTS / (name if name.startswith("full/") else f"quick/{name}") / "summary.json"
     data = json.loads(path.read_text())
     parts = dotted.split(".")
     while parts:  # a key may itself hold a dot (`..._tl_le_0.1`): take the longest that exists
@@ -178,7 +182,7 @@ def test_results_tables_have_sources():
 
 @pytest.mark.parametrize("page, measured, source", _source_rows(), ids=lambda x: str(x)[:40])
 def test_results_numbers_are_in_committed_summaries(page, measured, source):
-    refs = re.findall(r"`((?:full/)?[a-z][a-z0-9_]*:[\w./=|>+]+)`", source)
+    refs = re.findall(r"`((?:full/|bench/)?[a-z][a-z0-9_-]*:[\w./=|>+]+)`", source)
     numbers = NUMBER.findall(measured.replace(",", ""))
     assert refs and len(refs) == len(numbers), f"{page}: {measured!r} vs sources {refs}"
     for shown, ref in zip(numbers, refs, strict=True):

@@ -149,7 +149,7 @@ def test_rerun_recomputes_nothing(tiny_run, tmp_path, monkeypatch):
         ({"pairs": ("hate>hate",)}, "pair"),
         ({"cue_concepts": (0, 1)}, "cue_concepts"),
         ({"lora_size": "30k"}, "lora_size"),
-        ({"pooling": "max"}, "pooling"),
+        ({"pooling": "sum"}, "pooling"),
         ({"probe_steps": -1}, "probe_steps"),
     ],
 )
@@ -173,7 +173,7 @@ def test_model_config_errors():
     with pytest.raises(QuarticError, match="multiple of eval_every"):
         tr.FitConfig(n_steps=10, eval_every=3)
     with pytest.raises(QuarticError, match="pooling"):
-        tr.model_config("2k", "decoder", vocab_size=40, seq_len=8, pooling="max")
+        tr.model_config("2k", "decoder", vocab_size=40, seq_len=8, pooling="sum")
 
 
 def test_lp_ft_is_a_head_probe_then_the_stage(tmp_path):
@@ -215,7 +215,7 @@ def small_lang():
     return syn.make_language(syn.LanguageConfig(n_concepts=12, max_synonyms=4, n_stop=4, seed=2))
 
 
-@pytest.mark.parametrize("pooling", ["mean", "last"])
+@pytest.mark.parametrize("pooling", ["mean", "max", "last"])
 def test_probe_on_cached_features_takes_the_steps_of_the_full_forward(pooling):
     """A linear probe (``trainable="head"``) trains the head on the frozen body's features
     computed once; ``cache_features=False`` runs the body at every step, as the probe did before.
@@ -411,6 +411,74 @@ def test_bow_logistic_is_the_exact_penalised_optimum():
         assert float(penalised(w.at[i].add(1e-3))) > float(penalised(w))
     with pytest.raises(QuarticError, match="labels in"):
         tr.bow_logistic({**split(0), "labels": split(0)["labels"] + 1}, split(1), split(2), vocab)
+
+
+def test_pretrained_with_another_mask_rate_is_its_own_model(tmp_path):
+    """``pretrained(mask_rate=...)`` pretrains the encoder with that masked-token rate and caches
+    it under its own name, beside (not instead of) the study's; a decoder has no mask rate."""
+    config = tiny_config(n_seeds=1)
+    study, _ = pipeline.pretrained(config, tmp_path, "2k", "encoder")
+    other, _ = pipeline.pretrained(config, tmp_path, "2k", "encoder", mask_rate=0.5)
+    cached = sorted(p.name for p in (tmp_path / "cache" / "pretrained").iterdir())
+    assert cached == ["encoder_2k", "encoder_2k_mask0.5"]
+    leaves = zip(jax.tree.leaves(study), jax.tree.leaves(other), strict=True)
+    assert any(not np.array_equal(a, b) for a, b in leaves)
+    again, _ = pipeline.pretrained(config, tmp_path, "2k", "encoder", mask_rate=0.5)
+    for a, b in zip(jax.tree.leaves(again), jax.tree.leaves(other), strict=True):
+        np.testing.assert_array_equal(a, b)
+    with pytest.raises(QuarticError, match="mask_rate"):
+        pipeline.pretrained(config, tmp_path, "2k", "decoder", mask_rate=0.5)
+
+
+def test_bow_logistic_counts_groups_as_one_word():
+    """``groups`` counts a group of tokens in one column: the fit equals the plain fit on the
+    tokens rewritten to their groups (float64 rounding only); the default grouping is the
+    plain fit; a wrong-sized grouping is refused."""
+    rng = np.random.default_rng(1)
+    vocab, n = 10, 150
+    tokens = rng.integers(1, vocab, size=(3 * n, 7))
+    tokens[:, 5:] = 0
+    labels = np.isin(tokens, (4, 7)).any(axis=1).astype(np.int32)  # 4 and 7: one "concept"
+    groups = np.array([-1, 0, 1, 2, 3, 4, 5, 3, 6, 7])  # 7 joins 4 (column 3); PAD uncounted
+    rewritten = groups[tokens] + 1  # PAD -> 0, group g -> token g + 1
+
+    def split(t, i):
+        return {"tokens": t[i * n : (i + 1) * n], "labels": labels[i * n : (i + 1) * n]}
+
+    grouped = tr.bow_logistic(*(split(tokens, i) for i in range(3)), vocab, groups=groups)
+    plain = tr.bow_logistic(*(split(rewritten, i) for i in range(3)), 9)
+    np.testing.assert_allclose(grouped.weights, plain.weights[1:], rtol=1e-10, atol=1e-12)
+    assert grouped.l2 == plain.l2 and grouped.test_accuracy == plain.test_accuracy == 1.0
+    identity = np.arange(vocab)
+    identity[0] = -1
+    a = tr.bow_logistic(*(split(tokens, i) for i in range(3)), vocab, groups=identity)
+    b = tr.bow_logistic(*(split(tokens, i) for i in range(3)), vocab)
+    np.testing.assert_array_equal(a.weights, b.weights)
+    with pytest.raises(QuarticError, match="groups"):
+        tr.bow_logistic(*(split(tokens, i) for i in range(3)), vocab, groups=groups[:-1])
+
+
+def test_feature_logistic_is_a_standardised_exact_probe():
+    """The probe standardises each column on the training split, so any affine rescaling of a
+    column gives the same fit (rounding only); it converges (Newton: gradient ~1e-15); a
+    feature that decides the label is learned; bad splits and shapes are named."""
+    rng = np.random.default_rng(2)
+    n = 200
+    x = rng.normal(size=(3 * n, 4))
+    y = (x[:, 1] + 0.1 * rng.normal(size=3 * n) > 0).astype(np.int32)
+    feats = {k: x[i * n : (i + 1) * n] for i, k in enumerate(("train", "val", "test"))}
+    labels = {k: y[i * n : (i + 1) * n] for i, k in enumerate(("train", "val", "test"))}
+    fit = tr.feature_logistic(feats, labels)
+    assert fit.grad_norm < 1e-12 and fit.test_accuracy > 0.9
+    assert int(np.argmax(np.abs(fit.weights))) == 1
+    scale, shift = np.array([3.0, 0.01, 100.0, 1.0]), np.array([5.0, -2.0, 0.0, 1e3])
+    moved = tr.feature_logistic({k: v * scale + shift for k, v in feats.items()}, labels)
+    np.testing.assert_allclose(moved.weights, fit.weights, rtol=1e-8)
+    assert moved.test_accuracy == fit.test_accuracy and moved.l2 == fit.l2
+    with pytest.raises(QuarticError, match="splits"):
+        tr.feature_logistic({"train": feats["train"]}, labels)
+    with pytest.raises(QuarticError, match=r"\[N, p\]"):
+        tr.feature_logistic({**feats, "val": feats["val"][:-1]}, labels)
 
 
 @pytest.mark.slow

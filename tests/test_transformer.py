@@ -106,7 +106,7 @@ def test_encoder_sees_the_future():
     assert float(jnp.max(jnp.abs(run(model, x)[:, 0] - run(model, y)[:, 0]))) > 1e-6
 
 
-@pytest.mark.parametrize("pooling", ["mean", "last"])
+@pytest.mark.parametrize("pooling", ["mean", "max", "last"])
 def test_classifier_ignores_padding(pooling):
     model = make(config(causal=False, n_classes=3, pooling=pooling))
     x = tokens(batch=4, length=6)
@@ -119,7 +119,7 @@ def test_classifier_ignores_padding(pooling):
     assert float(jnp.max(jnp.abs(run(model, filled) - run(model, x)))) > 1e-6
 
 
-@pytest.mark.parametrize("pooling", ["mean", "last"])
+@pytest.mark.parametrize("pooling", ["mean", "max", "last"])
 def test_head_of_features_is_the_classifier(pooling):
     """``features`` is the head's input: ``head(features(t)) == model(t)`` with PAD in the rows
     (float64, one program each: rounding only); an LM has no pooled features."""
@@ -130,6 +130,44 @@ def test_head_of_features_is_the_classifier(pooling):
     np.testing.assert_allclose(np.asarray(model.head(z)), np.asarray(run(model, x)), atol=1e-12)
     with pytest.raises(QuarticError, match="LM head"):
         make(LM).features(x)
+
+
+def test_max_pooling_takes_each_features_maximum_over_the_real_tokens():
+    """``pooling="max"``: per feature, the largest final hidden state over the non-PAD positions
+    (float64, exact: a maximum rounds nothing); a row of PAD only pools to 0; gradients flow only
+    to the positions that hold a maximum."""
+    model = make(config(causal=False, n_classes=3, pooling="max"))
+    x = tokens(batch=3, length=6).at[1, -2:].set(0).at[2, :].set(0)
+    mask = x != 0
+    h = np.asarray(model._hidden(model.embed(x), mask))
+    z = np.asarray(model.features(x))
+    np.testing.assert_array_equal(z[0], h[0].max(0))
+    np.testing.assert_array_equal(z[1], h[1, :4].max(0))
+    np.testing.assert_array_equal(z[2], np.zeros(8))
+    g = jax.grad(lambda hh: jnp.sum(model._pool(hh, mask)[:2, 0]))(jnp.asarray(h))
+    g = np.asarray(g)
+    assert g[0, :, 0].sum() == 1.0 and g[0, np.argmax(h[0, :, 0]), 0] == 1.0
+    assert np.all(g[1, 4:] == 0) and np.all(np.isfinite(g)) and np.all(g[2] == 0)
+
+
+def test_layer_features_are_the_pooled_states_at_each_depth():
+    """``layer_features``: the embeddings pooled over the real tokens first, the head's input
+    last, each block's output between (float64, rounding only); an LM has them too."""
+    model = make(config(causal=False, n_classes=3, pooling="mean"))
+    x = tokens(batch=3, length=6).at[1, -2:].set(0)
+    z = model.layer_features(x)
+    assert z.shape == (model.config.n_layers + 2, 3, 8)
+    np.testing.assert_allclose(np.asarray(z[-1]), np.asarray(model.features(x)), atol=1e-12)
+    m = np.asarray(x != 0, float)[..., None]
+    emb = np.asarray(model.embed(x))
+    np.testing.assert_allclose(np.asarray(z[0]), (emb * m).sum(1) / m.sum(1), atol=1e-12)
+    h = model.embed(x)
+    for i, block in enumerate(model.blocks):
+        h = block(h, x != 0)
+        np.testing.assert_allclose(
+            np.asarray(z[i + 1]), (np.asarray(h) * m).sum(1) / m.sum(1), atol=1e-12
+        )
+    assert make(LM).layer_features(x).shape == z.shape
 
 
 @pytest.mark.parametrize("cfg", [LM, ENCODER], ids=["lm", "encoder"])

@@ -14,7 +14,9 @@ output projections also scaled by 1/sqrt(2 n_layers), as in GPT-2), biases 0, La
 all draws are slices of one normal vector from ``rngs.params()`` (see ``_Init``).
 
 Pooling for the classifier head (``config.pooling``): ``"mean"`` averages ``h`` over the non-PAD
-positions (tokens != ``config.pad_id``); ``"last"`` takes ``h`` at the last non-PAD position.
+positions (tokens != ``config.pad_id``); ``"max"`` takes each feature's maximum over them (a
+linear head on it can say "some token has this feature", an OR over positions); ``"last"`` takes
+``h`` at the last non-PAD position.
 
 LoRA (``config.lora_rank = r > 0``): the query and value projections of every attention layer and
 both MLP matrices get an adapter ``y = x W + b + (x A) B`` with ``A [d_in, r]`` random and
@@ -89,8 +91,8 @@ class TransformerConfig:
       d_model, n_heads, n_layers, d_ff: width, heads (must divide d_model), blocks, MLP width.
       causal: causal self-attention (a language model) or bidirectional (an encoder).
       n_classes: ``None`` for an LM head ``[B, T, V]``; an int for a pooled classifier ``[B, C]``.
-      pooling: ``"mean"`` (over non-PAD positions) or ``"last"`` (last non-PAD position); only used
-        with ``n_classes``.
+      pooling: ``"mean"`` or ``"max"`` (over non-PAD positions, per feature) or ``"last"`` (last
+        non-PAD position); only used with ``n_classes``.
       pad_id: the PAD token id; PAD keys are masked in attention and excluded from pooling.
       lora_rank: rank r of the LoRA adapters (0: none).
       param_dtype: ``"float32"`` or ``"float64"``; every parameter and activation has this dtype.
@@ -122,8 +124,8 @@ class TransformerConfig:
             )
         if self.n_classes is not None and self.n_classes < 2:
             raise QuarticError(f"n_classes must be None or >= 2, got {self.n_classes}")
-        if self.pooling not in ("mean", "last"):
-            raise QuarticError(f"pooling must be 'mean' or 'last', got {self.pooling!r}")
+        if self.pooling not in ("mean", "max", "last"):
+            raise QuarticError(f"pooling must be 'mean', 'max' or 'last', got {self.pooling!r}")
         if self.lora_rank < 0:
             raise QuarticError(f"lora_rank must be >= 0, got {self.lora_rank}")
         if self.param_dtype not in ("float32", "float64"):
@@ -418,6 +420,10 @@ class Transformer(nnx.Module):
         if self.config.pooling == "mean":
             denom = jnp.maximum(jnp.sum(m, axis=1, keepdims=True), 1.0)
             return jnp.sum(h * jnp.reshape(m, (b, t, 1)), axis=1) / denom
+        if self.config.pooling == "max":  # over the real tokens; 0 if the row is all PAD
+            real = jnp.reshape(mask, (b, t, 1))
+            top = jnp.max(jnp.where(real, h, jnp.finfo(h.dtype).min), axis=1)
+            return jnp.where(jnp.any(mask, axis=1, keepdims=True), top, jnp.zeros_like(top))
         # "last": the last non-PAD position (position 0 if the row is all PAD)
         last = jnp.maximum(jnp.sum(mask.astype(jnp.int32), axis=1) - 1, 0)
         return jnp.take_along_axis(h, jnp.reshape(last, (b, 1, 1)), axis=1)[:, 0, :]
@@ -429,6 +435,20 @@ class Transformer(nnx.Module):
             raise QuarticError("features: the model has an LM head (n_classes=None), no pooling")
         mask = self.padding_mask(tokens)
         return self._pool(self._hidden(self.embed(tokens), mask), mask)
+
+    def layer_features(self, tokens: jax.Array) -> jax.Array:
+        """The pooled states at every depth, for layer-wise linear probes: ``[n_layers + 2, B, D]``
+        of int ``tokens [B, T]``: the embeddings, each block's output, and the last LayerNorm's
+        (``layer_features(t)[-1] == features(t)``). Pooled as the classifier pools (``config.
+        pooling``); any head."""
+        mask = self.padding_mask(tokens)
+        x = self.embed(tokens)
+        states = [x]
+        for block in self.blocks:
+            x = block(x, mask)
+            states.append(x)
+        states.append(self.ln_final(x))
+        return jnp.stack([self._pool(h, mask) for h in states])
 
     def __call__(self, tokens: jax.Array) -> jax.Array:
         """int tokens ``[B, T]`` -> logits ``[B, T, V]`` (LM) or ``[B, n_classes]`` (classifier)."""

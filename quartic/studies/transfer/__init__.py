@@ -19,7 +19,8 @@ and the synonym language of :mod:`quartic.tasks.synonyms`. One module per job:
   per-example results; :mod:`~quartic.studies.transfer.evaluate` — :func:`attack_models`, the
   attack vmapped over ``M`` models, and :func:`budget_is_unlimited`.
 * :mod:`~quartic.studies.transfer.baseline` — :func:`bow_logistic`, a bag-of-words logistic
-  regression fitted exactly, to put the transformers' clean accuracy in scale.
+  regression fitted exactly, to put the transformers' clean accuracy in scale, and
+  :func:`feature_logistic`, the same fit on fixed features (a linear probe of a frozen body).
 * :mod:`~quartic.studies.transfer.bridge` — :func:`robustness_geometry`: sharpness, overlap and
   coupling of the robustness loss at the start of the target fine-tune (the AIC quantities).
 * :mod:`~quartic.studies.transfer.pipeline` — the whole study as resumable units (pretrain,
@@ -28,7 +29,7 @@ and the synonym language of :mod:`quartic.tasks.synonyms`. One module per job:
   bridge's correlations; ``experiments/transfer_robustness.py`` runs them.
 """
 
-from quartic.studies.transfer.baseline import BowResult, bow_logistic
+from quartic.studies.transfer.baseline import BowResult, bow_logistic, feature_logistic
 from quartic.studies.transfer.bridge import robustness_geometry, synonym_rewrite
 from quartic.studies.transfer.evaluate import attack_models, budget_is_unlimited
 from quartic.studies.transfer.models import (
@@ -52,6 +53,7 @@ __all__ = [
     "FitResult",
     "attack_models",
     "bow_logistic",
+    "feature_logistic",
     "budget_is_unlimited",
     "carry_body",
     "fit",

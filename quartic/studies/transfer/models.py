@@ -64,7 +64,7 @@ def model_config(
 
     The width is chosen by :meth:`TransformerConfig.preset` for the 2-way classifier without
     adapters, so the language model (``head="lm"``) and the LoRA variant share its body exactly.
-    ``pooling`` (``"mean"`` or ``"last"``) replaces the architecture's own read-out of the
+    ``pooling`` (``"mean"``, ``"max"`` or ``"last"``) replaces the architecture's own read-out of the
     classifier (:data:`ARCHS`); it has no weights, so every read-out shares the pretrained body,
     and the language model ignores it. Raises ``QuarticError`` for an unknown size, architecture,
     head or pooling.
@@ -77,8 +77,8 @@ def model_config(
         raise QuarticError(f"head must be 'classifier' or 'lm', got {head!r}")
     if lora_rank < 0:
         raise QuarticError(f"lora_rank={lora_rank}: must be >= 0")
-    if pooling not in (None, "mean", "last"):
-        raise QuarticError(f"pooling must be 'mean', 'last' or None, got {pooling!r}")
+    if pooling not in (None, "mean", "max", "last"):
+        raise QuarticError(f"pooling must be 'mean', 'max', 'last' or None, got {pooling!r}")
     try:
         base = TransformerConfig.preset(
             size, vocab_size=vocab_size, seq_len=seq_len, n_classes=2, **ARCHS[arch]

@@ -115,7 +115,7 @@ class StudyConfig:
     lr: float = 3e-4
     lora_lr: float = 3e-3
     # the classifier's read-out: "" each architecture's own (decoder: last token, encoder: mean
-    # over tokens), or "mean" / "last" for both
+    # over tokens), or "mean" / "max" / "last" for both
     pooling: str = "mean"
     # LP-FT: before each fine-tuning stage (source and target, both arms), ``probe_steps`` steps
     # of the head alone on the frozen body at ``probe_lr``, then the stage from the probe's best
@@ -194,9 +194,10 @@ class StudyConfig:
         )
         trainer.FitConfig(self.source_steps, self.batch_size, self.lr, self.source_eval_every)
         trainer.FitConfig(self.target_steps, self.batch_size, self.lr, self.target_eval_every)
-        if self.pooling not in ("", "mean", "last"):
+        if self.pooling not in ("", "mean", "max", "last"):
             raise QuarticError(
-                f"pooling={self.pooling!r}: give 'mean', 'last' or '' (each architecture's own)"
+                f"pooling={self.pooling!r}: give 'mean', 'max', 'last' or '' (each "
+                "architecture's own)"
             )
         if self.probe_steps < 0:
             raise QuarticError(f"probe_steps={self.probe_steps}: must be >= 0 (0: no probe)")
@@ -332,9 +333,15 @@ def _initial_lms(config: StudyConfig, lm) -> list[dict]:
     return [models.init_params(lm, 100 + i) for i in range(config.n_seeds)]
 
 
-def pretrained(config: StudyConfig, out_dir, size: str, arch: str) -> tuple[list[dict], dict]:
-    """The pretrained language models of (size, arch), one per seed (cached on disk)."""
+def pretrained(
+    config: StudyConfig, out_dir, size: str, arch: str, mask_rate: float | None = None
+) -> tuple[list[dict], dict]:
+    """The pretrained language models of (size, arch), one per seed (cached on disk).
+    ``mask_rate`` (encoders) replaces the masked-token objective's default rate (``FitConfig``'s)
+    and caches the models under their own name; the study itself uses the default."""
     lm = model_cfg(config, size, arch, head="lm")
+    if mask_rate is not None and arch != "encoder":
+        raise QuarticError(f"mask_rate is for the masked-token (encoder) pretraining, not {arch!r}")
 
     def compute():
         lang = world(config)[0]
@@ -346,6 +353,7 @@ def pretrained(config: StudyConfig, out_dir, size: str, arch: str) -> tuple[list
             config.batch_size,
             config.pretrain_lr,
             _eval_every(config.pretrain_steps),
+            **({} if mask_rate is None else {"mask_rate": mask_rate}),
         )
         objective = "lm" if arch == "decoder" else "mlm"
         res = trainer.fit(
@@ -355,7 +363,8 @@ def pretrained(config: StudyConfig, out_dir, size: str, arch: str) -> tuple[list
         info = {"objective": objective, "val_curve": res.val_curve.tolist()}
         return res.params, info
 
-    return _cached(out_dir, "pretrained", f"{arch}_{size}", lm, compute)
+    name = f"{arch}_{size}" + ("" if mask_rate is None else f"_mask{mask_rate:g}")
+    return _cached(out_dir, "pretrained", name, lm, compute)
 
 
 def initial_classifiers(config: StudyConfig, out_dir, size: str, arch: str, ft: str) -> dict:
