@@ -140,7 +140,7 @@ def plot(path: str, setting: str = "plain", target: str = "political") -> None:
         ax.set_ylabel(f"test accuracy ({target}, {setting})")
         ax.set_title(f"{rec['size']}: linear probe of mean-pooled states", fontsize=9)
         ax.grid(True, alpha=0.3)
-    axes[0][-1].legend(fontsize=6, loc="lower right")
+    axes[0][-1].legend(fontsize=6, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     print(f"wrote {plotting.save(fig, path)}")
 
 

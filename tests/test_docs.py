@@ -182,7 +182,7 @@ def test_results_tables_have_sources():
 
 @pytest.mark.parametrize("page, measured, source", _source_rows(), ids=lambda x: str(x)[:40])
 def test_results_numbers_are_in_committed_summaries(page, measured, source):
-    refs = re.findall(r"`((?:full/|bench/)?[a-z][a-z0-9_-]*:[\w./=|>+]+)`", source)
+    refs = re.findall(r"`((?:full/|bench/)?[a-z][a-z0-9_.-]*:[\w./=|>+]+)`", source)
     numbers = NUMBER.findall(measured.replace(",", ""))
     assert refs and len(refs) == len(numbers), f"{page}: {measured!r} vs sources {refs}"
     for shown, ref in zip(numbers, refs, strict=True):
