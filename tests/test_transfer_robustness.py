@@ -10,13 +10,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
 from quartic.core.errors import QuarticError
 from quartic.harness import checkpoint
 from quartic.harness.cli import load_experiment
 from quartic.harness.runs import read_json
+from quartic.models.transformer import Transformer, functional
 from quartic.studies import transfer as tr
-from quartic.studies.transfer import baseline, evaluate, models, pipeline, trainer
+from quartic.studies.transfer import baseline, evaluate, models, pipeline, probe, trainer
 from quartic.studies.transfer.attack import AttackConfig, make_attack_fn
 from quartic.studies.transfer.summary import BRIDGE_QUANTITIES
 from quartic.tasks import synonyms as syn
@@ -111,6 +113,13 @@ def test_tiny_run_produces_every_quantity(tiny_run):
     rows = EXP.table(summary)
     assert any("ΔASR@80" in r["quantity"] for r in rows)
     assert all(r["experiment"] == "transfer_robustness" for r in rows)
+    # the task probe: each target's rows, both arms, one accuracy per seed, and its table row
+    tp = summary["pretrain"]["pretrain__encoder__2k"]["task_probe"]
+    assert set(tp) == {"surface|political"}
+    for arm in ("pretrained", "init"):
+        accs = tp["surface|political"][arm]["seeds"]
+        assert len(accs) == config.n_seeds and all(0 <= a <= 1 for a in accs)
+    assert any("linear probe of the pooled features" in r["quantity"] for r in rows)
 
 
 @pytest.mark.slow
@@ -411,6 +420,27 @@ def test_bow_logistic_is_the_exact_penalised_optimum():
         assert float(penalised(w.at[i].add(1e-3))) > float(penalised(w))
     with pytest.raises(QuarticError, match="labels in"):
         tr.bow_logistic({**split(0), "labels": split(0)["labels"] + 1}, split(1), split(2), vocab)
+
+
+def test_task_probe_is_the_exact_probe_of_the_heads_input():
+    """``probe.task_probe`` fits ``feature_logistic`` on the pooled features the classifier head
+    reads: the same accuracies as the probe fitted here on ``Transformer.layer_features``' last
+    depth (another program, float64: identical predictions); bad splits are named."""
+    config = tiny_config(archs=("decoder",), n_seeds=2)
+    clf = dataclasses.replace(pipeline.model_cfg(config, "2k", "decoder"), param_dtype="float64")
+    split = pipeline.world(config)[2][("surface", "political")]
+    data = {"train": split.target_train, "val": split.val, "test": split.test}
+    params = [models.init_params(clf, 1000 + i) for i in range(2)]
+    got = probe.task_probe(clf, params, data)
+    apply, _ = functional(Transformer(clf, rngs=nnx.Rngs(0)), method="layer_features")
+    want = []
+    for p in params:
+        feats = {k: np.asarray(apply(p, d["tokens"])[-1]) for k, d in data.items()}
+        labels = {k: d["labels"] for k, d in data.items()}
+        want.append(tr.feature_logistic(feats, labels).test_accuracy)
+    assert got["seeds"] == want and got["mean"] == pytest.approx(np.mean(want), abs=1e-15)
+    with pytest.raises(QuarticError, match="splits"):
+        probe.task_probe(clf, params, {"train": split.target_train})
 
 
 def test_pretrained_with_another_mask_rate_is_its_own_model(tmp_path):

@@ -535,12 +535,36 @@ def target_unit(config: StudyConfig, out_dir, setting, size, arch, ft, target, s
     )
 
 
+def task_probes(config: StudyConfig, bodies: list[dict], initial: list[dict], size, arch) -> dict:
+    """:func:`quartic.studies.transfer.probe.task_probe` of the pretrained ``bodies`` and of the
+    ``initial`` ones, per ``"setting|target"`` of the study's pairs: a linear probe of the
+    classifier's pooled features from the target training rows (the direct arm's data; L2 chosen on ``n_val_eval`` validation
+    rows), test accuracy per seed and mean."""
+    clf = model_cfg(config, size, arch)
+    fresh = [models.init_params(clf, 1000 + i) for i in range(len(bodies))]
+    arms = {
+        arm: [models.carry_body(f, b) for f, b in zip(fresh, plist, strict=True)]
+        for arm, plist in (("pretrained", bodies), ("init", initial))
+    }
+    splits = world(config)[2]
+    out = {}
+    for setting in config.settings:
+        for name in sorted({t for _, t in config.pair_list()}):
+            split = splits[(setting, name)]
+            data = {"train": split.target_train, "test": split.test,
+                    "val": {k: v[: config.n_val_eval] for k, v in split.val.items()}}  # fmt: skip
+            out[f"{setting}|{name}"] = {a: probe.task_probe(clf, p, data) for a, p in arms.items()}
+    return out
+
+
 def pretrain_unit(config: StudyConfig, out_dir, size: str, arch: str) -> dict:
     bodies, info = pretrained(config, out_dir, size, arch)
     lm = model_cfg(config, size, arch, head="lm")
-    found = probe.probe_models(bodies, _initial_lms(config, lm), world(config)[0])
+    initial = _initial_lms(config, lm)
+    found = probe.probe_models(bodies, initial, world(config)[0])
+    tasks = task_probes(config, bodies, initial, size, arch)
     return {"kind": "pretrain", "size": size, "arch": arch, "n_params_lm": count_params(lm),
-            "probe": found, **info}  # fmt: skip
+            "probe": found, "task_probe": tasks, **info}  # fmt: skip
 
 
 def source_unit(config: StudyConfig, out_dir, setting, size, arch, ft, source) -> dict:

@@ -1,4 +1,5 @@
-"""What pretraining gives: probes of the token embeddings against the language's synonym clusters.
+"""What pretraining gives: probes of the token embeddings against the language's synonym clusters,
+and of the pooled features against the tasks.
 
 Two measurements on the embedding table ``E [V, d]`` (``params["token_embed"]``), restricted to
 content tokens:
@@ -16,14 +17,25 @@ content tokens:
 :func:`embedding_probe` runs both on one parameter set; :func:`probe_models` on every seed of a
 (size, arch) and on the same models at initialisation, the baseline that says what pretraining
 added.
+
+A body can cluster synonyms and still not make a task readable: :func:`task_probe` fits a linear
+probe of a task on the pooled features the classifier head reads. The encoders of the transfer
+study reach the concept probe's 0.97 while their task probe stays below word counts
+(``benchmarks/transfer_layer_probe.py``, docs/results.md), so the task probe, not the concept
+probe, says whether pretraining has given a body what fine-tuning needs.
 """
 
 from __future__ import annotations
 
+import jax
 import numpy as np
 
 from quartic.core.errors import QuarticError
+from quartic.studies.transfer import baseline
+from quartic.studies.transfer.models import _model_fns
 from quartic.tasks import synonyms as syn
+
+SPLITS = ("train", "val", "test")
 
 
 def _features(params: dict) -> np.ndarray:
@@ -84,3 +96,20 @@ def probe_models(pretrained: list[dict], initial: list[dict], lang: syn.Language
         out[arm] = {k: [r[k] for r in runs] for k in runs[0]}
         out[arm]["mean"] = {k: float(np.mean([r[k] for r in runs])) for k in runs[0]}
     return out
+
+
+def task_probe(cfg, params_list: list[dict], data: dict) -> dict:
+    """What a frozen body holds of a task: a linear probe (:func:`~quartic.studies.transfer.
+    baseline.feature_logistic`, L2 chosen on ``data["val"]``) of the pooled features the
+    classifier head reads (``cfg`` a classifier config, its ``pooling``), fitted on
+    ``data["train"]``; the test accuracy of each parameter set and their mean. ``data`` maps
+    ``"train"``, ``"val"``, ``"test"`` to ``{"tokens", "labels"}``."""
+    if set(data) != set(SPLITS):
+        raise QuarticError(f"task_probe needs the splits {SPLITS}, got {sorted(data)}")
+    features = jax.jit(_model_fns(cfg).features)
+    labels = {k: np.asarray(data[k]["labels"]) for k in SPLITS}
+    accs = []
+    for params in params_list:
+        feats = {k: np.asarray(features(params, data[k]["tokens"]), np.float64) for k in SPLITS}
+        accs.append(baseline.feature_logistic(feats, labels).test_accuracy)
+    return {"seeds": accs, "mean": float(np.mean(accs))}

@@ -269,7 +269,8 @@ def summarise_run(config, sweep: SweepResult) -> dict:
     }  # fmt: skip
     summary["pretrain"] = {
         k: {"val_curve_last": [c[-1] for c in r["val_curve"]], "objective": r["objective"],
-            "size": r["size"], "arch": r["arch"], "probe": r.get("probe")}
+            "size": r["size"], "arch": r["arch"], "probe": r.get("probe"),
+            "task_probe": r.get("task_probe")}
         for k, r in res.items()
         if r.get("kind") == "pretrain"
     }  # fmt: skip
@@ -301,5 +302,20 @@ def probe_rows(summary: dict) -> list[dict]:
             measured=f"{p['synonym_nn_rate']:.2f} / {p['concept_probe_heldout_accuracy']:.2f} "
             f"({i['synonym_nn_rate']:.2f} / {i['concept_probe_heldout_accuracy']:.2f})",
             verdict="ok" if p["concept_probe_heldout_accuracy"] >= 0.95 else "weak",
+        ))  # fmt: skip
+        tp = r.get("task_probe")
+        bow = summary.get("bow_baseline", {})
+        if not tp or not all(k in bow for k in tp):
+            continue
+        pre, init = (
+            float(np.mean([v[arm]["mean"] for v in tp.values()])) for arm in ("pretrained", "init")
+        )
+        words = float(np.mean([bow[k]["target_train"]["test_accuracy"] for k in tp]))
+        rows.append(dict(
+            quantity=f"{r['arch']} {r['size']} pretrained: linear probe of the pooled features "
+            "on each target's rows, mean over targets and seeds (at init)",
+            theory=f"≥ word counts ({words:.3f}) if pretraining made the task readable",
+            measured=f"{pre:.3f} ({init:.3f})",
+            verdict="ok" if pre >= words else "below word counts",
         ))  # fmt: skip
     return rows
