@@ -50,6 +50,7 @@ from flax import nnx
 from quartic.core.errors import QuarticError, require_float64
 
 __all__ = [
+    "POOLINGS",
     "PRESETS",
     "BaseParam",
     "LoRAParam",
@@ -70,6 +71,9 @@ class LoRAParam(nnx.Param):
 
 # Base weights only (every nnx.Param that is not a LoRA adapter).
 BaseParam = nnx.All(nnx.Param, nnx.Not(LoRAParam))
+
+# the classifier's read-outs (``TransformerConfig.pooling``); the one list every check uses
+POOLINGS = ("mean", "max", "last")
 
 # name -> (target parameter count, n_layers, n_heads, d_ff / d_model)
 PRESETS: dict[str, tuple[int, int, int, int]] = {
@@ -124,8 +128,8 @@ class TransformerConfig:
             )
         if self.n_classes is not None and self.n_classes < 2:
             raise QuarticError(f"n_classes must be None or >= 2, got {self.n_classes}")
-        if self.pooling not in ("mean", "max", "last"):
-            raise QuarticError(f"pooling must be 'mean', 'max' or 'last', got {self.pooling!r}")
+        if self.pooling not in POOLINGS:
+            raise QuarticError(f"pooling must be one of {POOLINGS}, got {self.pooling!r}")
         if self.lora_rank < 0:
             raise QuarticError(f"lora_rank must be >= 0, got {self.lora_rank}")
         if self.param_dtype not in ("float32", "float64"):

@@ -23,6 +23,7 @@ from quartic.core.errors import QuarticError
 from quartic.core.pytree import path_name
 from quartic.harness import checkpoint
 from quartic.models.transformer import (
+    POOLINGS,
     PRESETS,
     Transformer,
     TransformerConfig,
@@ -77,8 +78,8 @@ def model_config(
         raise QuarticError(f"head must be 'classifier' or 'lm', got {head!r}")
     if lora_rank < 0:
         raise QuarticError(f"lora_rank={lora_rank}: must be >= 0")
-    if pooling not in (None, "mean", "max", "last"):
-        raise QuarticError(f"pooling must be 'mean', 'max', 'last' or None, got {pooling!r}")
+    if pooling is not None and pooling not in POOLINGS:
+        raise QuarticError(f"pooling must be one of {POOLINGS} or None, got {pooling!r}")
     try:
         base = TransformerConfig.preset(
             size, vocab_size=vocab_size, seq_len=seq_len, n_classes=2, **ARCHS[arch]

@@ -38,7 +38,7 @@ from quartic.core.cache import memo
 from quartic.core.errors import QuarticError
 from quartic.harness import checkpoint
 from quartic.harness.runs import RunDir, run_sweep, write_json_atomic
-from quartic.models.transformer import PRESETS, count_params
+from quartic.models.transformer import POOLINGS, PRESETS, count_params
 from quartic.studies.transfer import baseline, bridge, evaluate, models, probe, trainer
 from quartic.studies.transfer import summary as summary_
 from quartic.studies.transfer.attack import AttackConfig, synonym_table
@@ -194,10 +194,9 @@ class StudyConfig:
         )
         trainer.FitConfig(self.source_steps, self.batch_size, self.lr, self.source_eval_every)
         trainer.FitConfig(self.target_steps, self.batch_size, self.lr, self.target_eval_every)
-        if self.pooling not in ("", "mean", "max", "last"):
+        if self.pooling and self.pooling not in POOLINGS:
             raise QuarticError(
-                f"pooling={self.pooling!r}: give 'mean', 'max', 'last' or '' (each "
-                "architecture's own)"
+                f"pooling={self.pooling!r}: give one of {POOLINGS} or '' (each architecture's own)"
             )
         if self.probe_steps < 0:
             raise QuarticError(f"probe_steps={self.probe_steps}: must be >= 0 (0: no probe)")
@@ -538,8 +537,8 @@ def target_unit(config: StudyConfig, out_dir, setting, size, arch, ft, target, s
 def task_probes(config: StudyConfig, bodies: list[dict], initial: list[dict], size, arch) -> dict:
     """:func:`quartic.studies.transfer.probe.task_probe` of the pretrained ``bodies`` and of the
     ``initial`` ones, per ``"setting|target"`` of the study's pairs: a linear probe of the
-    classifier's pooled features from the target training rows (the direct arm's data; L2 chosen on ``n_val_eval`` validation
-    rows), test accuracy per seed and mean."""
+    classifier's pooled features from the target training rows (the direct arm's data; L2 chosen
+    on ``n_val_eval`` validation rows), test accuracy per seed and mean."""
     clf = model_cfg(config, size, arch)
     fresh = [models.init_params(clf, 1000 + i) for i in range(len(bodies))]
     arms = {

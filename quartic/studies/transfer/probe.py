@@ -30,6 +30,7 @@ from __future__ import annotations
 import jax
 import numpy as np
 
+from quartic.core.cache import memo
 from quartic.core.errors import QuarticError
 from quartic.studies.transfer import baseline
 from quartic.studies.transfer.models import _model_fns
@@ -98,6 +99,12 @@ def probe_models(pretrained: list[dict], initial: list[dict], lang: syn.Language
     return out
 
 
+@memo(maxsize=64)
+def _jitted_features(cfg):
+    """One jitted ``features`` per config, so the study's many probes of one body trace it once."""
+    return jax.jit(_model_fns(cfg).features)
+
+
 def task_probe(cfg, params_list: list[dict], data: dict) -> dict:
     """What a frozen body holds of a task: a linear probe (:func:`~quartic.studies.transfer.
     baseline.feature_logistic`, L2 chosen on ``data["val"]``) of the pooled features the
@@ -106,7 +113,7 @@ def task_probe(cfg, params_list: list[dict], data: dict) -> dict:
     ``"train"``, ``"val"``, ``"test"`` to ``{"tokens", "labels"}``."""
     if set(data) != set(SPLITS):
         raise QuarticError(f"task_probe needs the splits {SPLITS}, got {sorted(data)}")
-    features = jax.jit(_model_fns(cfg).features)
+    features = _jitted_features(cfg)
     labels = {k: np.asarray(data[k]["labels"]) for k in SPLITS}
     accs = []
     for params in params_list:
