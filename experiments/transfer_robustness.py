@@ -85,6 +85,11 @@ def _ci(interval: list | None, digits: int = 1) -> str:
     return "" if not interval else f" [{interval[0]:+.{digits}f}, {interval[1]:+.{digits}f}]"
 
 
+def _rho(rho: float | None, interval: list | None) -> str:
+    """A Spearman ρ and its bootstrap interval, if any."""
+    return "n/a" if rho is None else f"{rho:+.2f}{_ci(interval, 2)}"
+
+
 def _pm(stats: dict | None, digits: int = 1) -> str:
     if not stats or stats.get("mean") is None:
         return "n/a"
@@ -143,7 +148,7 @@ def table(summary: dict) -> list[dict]:
         )
         m = c.get("asr_vs_margin")
         if m:
-            rho = "n/a" if m["rho"] is None else f"{m['rho']:+.2f}{_ci(m['interval'], 2)}"
+            rho = _rho(m["rho"], m["interval"])
             rows.append(
                 dict(
                     quantity=f"[{setting}] {arch}: Spearman ρ(clean confidence margin, "
@@ -182,6 +187,18 @@ def table(summary: dict) -> list[dict]:
                     verdict="",
                 )
             )
+            if "spearman_seeds_interval" in r:  # summaries before it lack it
+                rows.append(
+                    dict(
+                        quantity=(
+                            f"[{setting}] {arch} bridge: Spearman(Δ{q}, ΔASR) over (pair, seed) "
+                            f"points [{transfer_summary.LEVEL:.0%} bootstrap interval]"
+                        ),
+                        theory="",
+                        measured=_rho(r["spearman_seeds"][q], r["spearman_seeds_interval"][q]),
+                        verdict="",
+                    )
+                )
     for row in rows:
         row["experiment"] = "transfer_robustness"
     return rows
@@ -264,8 +281,8 @@ def plot(out_dir: pathlib.Path, fig_dir: pathlib.Path) -> list[pathlib.Path]:
                 xs = [v for p in rec["per_pair"].values() for v in p[q]]
                 ys = [np.nan if a is None else a for p in rec["per_pair"].values()
                       for a in p["delta_asr"]]  # fmt: skip
-                rho = rec["spearman_seeds"][q]
-                tag = "n/a" if rho is None else f"{rho:+.2f}"
+                ci = rec.get("spearman_seeds_interval", {}).get(q)
+                tag = _rho(rec["spearman_seeds"][q], ci)
                 ax.plot(
                     xs, ys, "o", ms=3.5, color=f"C{i}", label=f"{key.replace('|', ', ')}: ρ {tag}"
                 )

@@ -1,6 +1,7 @@
 """quartic.studies.transfer.summary on synthetic unit records: the bootstrap intervals of ΔOAcc and
 ΔASR per cell, the interval of the size slope of ΔASR, the Spearman ρ between the clean confidence
-margin and ASR, and the experiment's table with and without them. No model is trained."""
+margin and ASR, the bridge's ρ over (pair, seed) points with its interval, and the experiment's
+table with and without them. No model is trained."""
 
 from __future__ import annotations
 
@@ -10,8 +11,15 @@ import types
 import numpy as np
 import pytest
 
+from quartic.core.measure import bootstrap_spearman, spearman
 from quartic.harness.cli import load_experiment
-from quartic.studies.transfer.summary import LEVEL, N_BOOTSTRAP, summarise
+from quartic.studies.transfer.summary import (
+    BRIDGE_QUANTITIES,
+    LEVEL,
+    N_BOOTSTRAP,
+    summarise,
+    summarise_bridge,
+)
 
 EXP = load_experiment("transfer_robustness")  # its table
 B = "80"
@@ -19,9 +27,9 @@ Q = [(1 - LEVEL) / 2, (1 + LEVEL) / 2]
 
 
 def config(n_seeds, settings=("surface",), archs=("decoder",)):
-    """What summarise reads of a StudyConfig."""
+    """What summarise (and summarise_bridge) reads of a StudyConfig."""
     return types.SimpleNamespace(
-        n_seeds=n_seeds, settings=settings, archs=archs, budget_names=lambda: [B]
+        n_seeds=n_seeds, settings=settings, archs=archs, budget_names=lambda: [B], bridge_size="2k"
     )
 
 
@@ -230,3 +238,40 @@ def test_table_shows_the_intervals_and_reads_old_summaries():
     old_rows = EXP.table(old)
     assert len(old_rows) == len(table) - 1
     assert all("[" not in r["measured"] and "interval" not in r["verdict"] for r in old_rows)
+
+
+def test_bridge_rho_over_pair_seed_points_has_the_bootstrap_interval():
+    # Three pairs × 5 seeds. Transfer − direct of λ_max is 2 ΔASR (ρ = +1, the interval collapses);
+    # of the overlap, noise: its ρ and interval are those of the 15 (pair, seed) points.
+    rng = np.random.default_rng(11)
+    n = 5
+    pairs = (("hate", "political"), ("political", "gender"), ("gender", "hate"))
+    asr_d, asr_t = rng.uniform(0.1, 0.4, (3, n)), rng.uniform(0.2, 0.6, (3, n))
+    res, noise = {}, rng.normal(size=(3, n))
+    for j, (s, t) in enumerate(pairs):
+        res[f"d{j}"] = unit("direct", "2k", 2_000, t, [0.6] * n, asr_d[j].tolist())
+        res[f"t{j}"] = unit("transfer", "2k", 2_000, t, [0.6] * n, asr_t[j].tolist(), source=s)
+        zero = {q: [0.0] * n for q in BRIDGE_QUANTITIES}
+        moved = {**zero, "lambda_max": (200 * (asr_t[j] - asr_d[j])).tolist(),
+                 "overlap": noise[j].tolist()}  # fmt: skip
+        res[f"b{j}"] = {"kind": "bridge", "setting": "surface", "arch": "decoder", "target": t,
+                        "models": {"direct": zero, s: moved}}  # fmt: skip
+    cfg = config(n)
+    summary = summarise(cfg, res)
+    summary["bridge"] = summarise_bridge(cfg, res, summary["cells"])
+    rec = summary["bridge"]["surface|decoder"]
+    assert rec["spearman_seeds"]["lambda_max"] == pytest.approx(1.0, abs=1e-12)
+    np.testing.assert_allclose(rec["spearman_seeds_interval"]["lambda_max"], [1, 1], atol=1e-12)
+    x, y = noise.ravel(), 100 * (asr_t - asr_d).ravel()
+    assert rec["spearman_seeds"]["overlap"] == pytest.approx(spearman(x, y), abs=1e-12)
+    lo, hi = bootstrap_spearman(x, y, N_BOOTSTRAP, level=LEVEL)
+    np.testing.assert_allclose(rec["spearman_seeds_interval"]["overlap"], [lo, hi], atol=1e-12)
+    assert lo <= rec["spearman_seeds"]["overlap"] <= hi
+    # a constant quantity has no ρ and no interval
+    assert rec["spearman_seeds"]["robust_loss"] is None
+    assert rec["spearman_seeds_interval"]["robust_loss"] is None
+    # the table shows ρ over the points with its interval
+    summary["budgets"] = [B]
+    rows = {r["quantity"]: r["measured"] for r in EXP.table(summary)}
+    key = "[surface] decoder bridge: Spearman(Δoverlap, ΔASR) over (pair, seed) points [95% bootstrap interval]"
+    assert rows[key] == f"{spearman(x, y):+.2f} [{lo:+.2f}, {hi:+.2f}]"

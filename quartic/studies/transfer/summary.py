@@ -146,12 +146,18 @@ def _asr_vs_margin(units: dict, b: str) -> dict:
         for a in (st["attacks"][b] for st in per_seed)
     ]
     pts = np.asarray([p for p in pts if None not in p], float).reshape(-1, 2)
-    margin, asr, n = pts[:, 0], pts[:, 1], len(pts)
+    return _spearman_interval(pts[:, 0], pts[:, 1])
+
+
+def _spearman_interval(x, y) -> dict:
+    """Spearman ρ of paired values, its bootstrap interval (pairs resampled) and the number of
+    pairs ``n``; ρ and interval ``None`` with fewer than three pairs or no defined ρ."""
+    n = len(x)
     if n < 3:
         return {"rho": None, "interval": None, "n": n}
-    lo, hi = bootstrap_spearman(margin, asr, N_BOOTSTRAP, level=LEVEL)
+    lo, hi = bootstrap_spearman(x, y, N_BOOTSTRAP, level=LEVEL)
     return {
-        "rho": json_number(spearman(margin, asr)),
+        "rho": json_number(spearman(x, y)),
         "interval": [lo, hi] if np.isfinite(lo) else None,
         "n": n,
     }
@@ -205,7 +211,8 @@ BRIDGE_QUANTITIES = ("lambda_max", "overlap", "gamma_fisher", "linear_rate", "ro
 
 
 def summarise_bridge(config, res: dict, cells: dict) -> dict:
-    """Transfer − direct of each AIC quantity per pair and seed, and its Spearman ρ with ΔASR."""
+    """Transfer − direct of each AIC quantity per pair and seed, and its Spearman ρ with ΔASR: over
+    the pairs (means over seeds), and over the (pair, seed) points with a bootstrap interval."""
     out = {}
     b = config.budget_names()[0]
     for setting in config.settings:
@@ -218,7 +225,7 @@ def summarise_bridge(config, res: dict, cells: dict) -> dict:
             if not units or cell is None:
                 continue
             rec: dict = {"size": config.bridge_size, "per_pair": {}, "spearman_pairs": {},
-                         "spearman_seeds": {}}  # fmt: skip
+                         "spearman_seeds": {}, "spearman_seeds_interval": {}}  # fmt: skip
             for u in units:
                 d = u["models"]["direct"]
                 for s, m in u["models"].items():
@@ -244,7 +251,9 @@ def summarise_bridge(config, res: dict, cells: dict) -> dict:
                 xs = [v for p in pairs for v, a in zip(p[q], p["delta_asr"], strict=True)
                       if a is not None]  # fmt: skip
                 ys = [a for p in pairs for a in p["delta_asr"] if a is not None]
-                rec["spearman_seeds"][q] = spearman(xs, ys) if len(xs) > 2 else None
+                rho = _spearman_interval(np.asarray(xs, float), np.asarray(ys, float))
+                rec["spearman_seeds"][q] = rho["rho"]
+                rec["spearman_seeds_interval"][q] = rho["interval"]
                 rec[f"mean_delta_{q}"] = float(np.mean([np.mean(p[q]) for p in pairs]))
                 rec[f"mean_direct_{q}"] = float(np.mean([np.mean(p["direct"][q]) for p in pairs]))
                 rec[f"mean_transfer_{q}"] = float(
