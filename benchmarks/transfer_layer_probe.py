@@ -46,10 +46,8 @@ from flax import nnx  # noqa: E402
 from benchmarks.common import write_record  # noqa: E402
 from experiments.transfer_robustness import Config  # noqa: E402
 from quartic.models.transformer import Transformer, count_params, functional  # noqa: E402
-from quartic.studies.transfer import baseline, models, pipeline, trainer  # noqa: E402
+from quartic.studies.transfer import baseline, models, pipeline, probe, trainer  # noqa: E402
 from quartic.tasks import synonyms as syn  # noqa: E402
-
-SPLITS = ("train", "val", "test")
 
 
 def concept_groups(lang) -> np.ndarray:
@@ -93,15 +91,8 @@ def seeds_and_mean(values) -> dict:
 def layer_probes(cfg, params_list, data) -> dict:
     """Per depth, the probe's test accuracy for each parameter set (one per seed) and their mean."""
     apply, _ = functional(Transformer(cfg, rngs=nnx.Rngs(0)), method="layer_features")
-    run = jax.jit(apply)
-    labels = {k: np.asarray(data[k]["labels"]) for k in SPLITS}
-    out = {name: [] for name in depth_names(cfg)}
-    for params in params_list:
-        feats = {k: np.asarray(run(params, data[k]["tokens"]), np.float64) for k in SPLITS}
-        for j, name in enumerate(out):
-            fit = baseline.feature_logistic({k: feats[k][j] for k in SPLITS}, labels)
-            out[name].append(fit.test_accuracy)
-    return {name: seeds_and_mean(v) for name, v in out.items()}
+    accs = probe.probe_accuracies(jax.jit(apply), params_list, data)  # [seeds, depths]
+    return {name: seeds_and_mean(accs[:, j]) for j, name in enumerate(depth_names(cfg))}
 
 
 RESULTS = pathlib.Path(__file__).resolve().parent / "results"

@@ -425,7 +425,8 @@ def test_bow_logistic_is_the_exact_penalised_optimum():
 def test_task_probe_is_the_exact_probe_of_the_heads_input():
     """``probe.task_probe`` fits ``feature_logistic`` on the pooled features the classifier head
     reads: the same accuracies as the probe fitted here on ``Transformer.layer_features``' last
-    depth (another program, float64: identical predictions); bad splits are named."""
+    depth (another program, float64: identical predictions), and as ``probe_accuracies`` of the
+    stacked depths at the last one; bad splits are named."""
     config = tiny_config(archs=("decoder",), n_seeds=2)
     clf = dataclasses.replace(pipeline.model_cfg(config, "2k", "decoder"), param_dtype="float64")
     split = pipeline.world(config)[2][("surface", "political")]
@@ -439,6 +440,10 @@ def test_task_probe_is_the_exact_probe_of_the_heads_input():
         labels = {k: d["labels"] for k, d in data.items()}
         want.append(tr.feature_logistic(feats, labels).test_accuracy)
     assert got["seeds"] == want and got["mean"] == pytest.approx(np.mean(want), abs=1e-15)
+    # features stacked over depth: one probe per depth, the last being the head's input
+    stacked = probe.probe_accuracies(apply, params, data)
+    depths = apply(params[0], split.val["tokens"]).shape[0]
+    assert stacked.shape == (2, depths) and stacked[:, -1].tolist() == want
     with pytest.raises(QuarticError, match="splits"):
         probe.task_probe(clf, params, {"train": split.target_train})
 

@@ -105,18 +105,34 @@ def _jitted_features(cfg):
     return jax.jit(_model_fns(cfg).features)
 
 
-def task_probe(cfg, params_list: list[dict], data: dict) -> dict:
-    """What a frozen body holds of a task: a linear probe (:func:`~quartic.studies.transfer.
-    baseline.feature_logistic`, L2 chosen on ``data["val"]``) of the pooled features the
-    classifier head reads (``cfg`` a classifier config, its ``pooling``), fitted on
-    ``data["train"]``; the test accuracy of each parameter set and their mean. ``data`` maps
-    ``"train"``, ``"val"``, ``"test"`` to ``{"tokens", "labels"}``."""
+def probe_accuracies(features, params_list: list[dict], data: dict) -> np.ndarray:
+    """Test accuracy of a linear probe (:func:`~quartic.studies.transfer.baseline.
+    feature_logistic`, L2 chosen on ``data["val"]``, fitted on ``data["train"]``) of
+    ``features(params, tokens)`` for each parameter set: ``[n_sets]`` when the features are
+    ``[B, D]``, ``[n_sets, L]`` when they are ``[L, B, D]`` (one probe per leading index, e.g.
+    each depth of ``Transformer.layer_features``). ``data`` maps ``"train"``, ``"val"``,
+    ``"test"`` to ``{"tokens", "labels"}``."""
     if set(data) != set(SPLITS):
-        raise QuarticError(f"task_probe needs the splits {SPLITS}, got {sorted(data)}")
-    features = _jitted_features(cfg)
+        raise QuarticError(f"a probe needs the splits {SPLITS}, got {sorted(data)}")
     labels = {k: np.asarray(data[k]["labels"]) for k in SPLITS}
-    accs = []
+    out = []
     for params in params_list:
         feats = {k: np.asarray(features(params, data[k]["tokens"]), np.float64) for k in SPLITS}
-        accs.append(baseline.feature_logistic(feats, labels).test_accuracy)
-    return {"seeds": accs, "mean": float(np.mean(accs))}
+        stacked = feats["train"].ndim == 3
+        views = range(feats["train"].shape[0]) if stacked else [None]
+        accs = [
+            baseline.feature_logistic(
+                {k: f if j is None else f[j] for k, f in feats.items()}, labels
+            ).test_accuracy
+            for j in views
+        ]
+        out.append(accs if stacked else accs[0])
+    return np.asarray(out, np.float64)
+
+
+def task_probe(cfg, params_list: list[dict], data: dict) -> dict:
+    """What a frozen body holds of a task: :func:`probe_accuracies` of the pooled features the
+    classifier head reads (``cfg`` a classifier config, its ``pooling``); the test accuracy of
+    each parameter set and their mean."""
+    accs = probe_accuracies(_jitted_features(cfg), params_list, data)
+    return {"seeds": accs.tolist(), "mean": float(np.mean(accs))}
