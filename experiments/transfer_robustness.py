@@ -204,6 +204,14 @@ def table(summary: dict) -> list[dict]:
     return rows
 
 
+def _bars(stats: list[dict]) -> np.ndarray:
+    """``[2, n]`` error bars: to the ends of each cell's bootstrap interval of the mean over
+    seeds, or ± its std over seeds where it has none (an old summary, a LoRA cell)."""
+    lo_hi = [s.get("interval") or [s["mean"] - s["std"], s["mean"] + s["std"]] for s in stats]
+    means = np.array([s["mean"] for s in stats])
+    return np.abs(np.array(lo_hi).T - means)
+
+
 def plot(out_dir: pathlib.Path, fig_dir: pathlib.Path) -> list[pathlib.Path]:
     summary = read_json(pathlib.Path(out_dir) / "summary.json")
     b = summary["budgets"][0]
@@ -229,7 +237,7 @@ def plot(out_dir: pathlib.Path, fig_dir: pathlib.Path) -> list[pathlib.Path]:
                         continue
                     x = np.array([c["n_params"] for c in sel]) * (1.06 if ft == "lora" else 1)
                     ax.errorbar(
-                        x, [c[key]["mean"] for c in sel], yerr=[c[key]["std"] for c in sel],
+                        x, [c[key]["mean"] for c in sel], yerr=_bars([c[key] for c in sel]),
                         fmt=marker, color=f"C{i}", capsize=3, ms=4,
                         mfc="white" if ft == "lora" else None,
                         label=f"{setting}" + (" (LoRA)" if ft == "lora" else ""),
@@ -240,7 +248,10 @@ def plot(out_dir: pathlib.Path, fig_dir: pathlib.Path) -> list[pathlib.Path]:
             ax.xaxis.set_minor_formatter(NullFormatter())
             ax.set_xlabel("parameters")
             ax.set_ylabel(label)
-            ax.set_title(f"{arch}: transfer − direct", fontsize=9)
+            ax.set_title(
+                f"{arch}: transfer − direct (bars: {transfer_summary.LEVEL:.0%} interval, seeds)",
+                fontsize=9,
+            )
             ax.grid(alpha=0.3)
             ax.legend(fontsize=6)
     paths.append(plotting.save(fig, pathlib.Path(fig_dir) / "transfer_robustness.png"))
