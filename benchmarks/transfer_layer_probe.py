@@ -169,7 +169,7 @@ def main() -> None:
         return plot(args.plot, args.setting, args.target)
     size, archs = args.size, args.archs.split(",")
     config = Config(settings=(args.setting,), sizes=(size,), archs=tuple(archs), lora_size="",
-                    plain_sizes=(size,), pooling=args.pooling)  # fmt: skip
+                    plain_sizes=(size,), pooling=args.pooling, n_seeds=3)  # fmt: skip
     work = args.work
     if args.pretrain_steps is not None:  # the cache is named by model, not by its steps
         config = dataclasses.replace(config, pretrain_steps=args.pretrain_steps)

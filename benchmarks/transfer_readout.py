@@ -54,7 +54,7 @@ def main() -> None:
     args = p.parse_args()
     size, archs, target = args.size, args.archs.split(","), "political"
     config = Config(settings=("plain",), sizes=(size,), archs=tuple(archs), lora_size="",
-                    plain_sizes=(size,))  # fmt: skip
+                    plain_sizes=(size,), n_seeds=3)  # fmt: skip
     lang, _, splits, _ = pipeline.world(config)
     split = splits[("plain", target)]
     val = {k: v[: config.n_val_eval] for k, v in split.val.items()}

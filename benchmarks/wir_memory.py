@@ -46,7 +46,7 @@ def child(setting: str) -> dict:
         attack.wir_order = one_forward  # greedy_attack reads the module's name when it traces
     config = pipeline.StudyConfig(
         sizes=("30k",), archs=("decoder",), settings=("surface",), min_len=48, max_len=64,
-        max_synonyms=24, pooling="mean", attack_method="wir", lora_size="",
+        max_synonyms=24, pooling="mean", attack_method="wir", lora_size="", n_seeds=3,
     )  # fmt: skip
     _, _, splits, table = pipeline.world(config)
     split = splits[("surface", "political")]

@@ -4,17 +4,22 @@ docs/theory.md §5 (Turbal et al., arXiv:2501.00066) at small scale, end to end 
 transformers and the synthetic synonym language (``quartic.tasks.synonyms``); the study itself is
 ``quartic.studies.transfer`` (its ``pipeline`` module lists the stages). Pretrain per (size,
 architecture, seed); fine-tune on a small target task directly or through a large source task
-(every pair of the three bias tasks, full fine-tuning and LoRA); attack the target test set with
+(3 of the 6 pairs of the three bias tasks by default, full fine-tuning, LoRA on request); attack
+the target test set with
 the A2T attack at each query budget; compare with a bag-of-words baseline; and measure the bridge
 to the first paper (the AIC quantities of the robustness loss at the start of the target
 fine-tune) against ΔASR. The surface-form knob is swept over ``settings`` (``surface``: source
 positives written only in privileged forms, negatives carrying decoys; ``plain``: no bias).
 
     quartic run transfer_robustness --quick   # 2 sizes, 1 setting (docs/results.md: its time)
-    quartic run transfer_robustness           # the full run, 188 units, resumable
-    quartic run transfer_robustness --set pooling= probe_steps=0 lr=1e-3 target_steps=200 ...
-                                              # the study's first recipe (39 min, models below
-                                              # word counts; docs/results.md)
+    quartic run transfer_robustness           # the full run: 4 sizes, 5 seeds, 146 units, 1:12:30
+                                              # on 2 cores, resumable
+    quartic run transfer_robustness --set sizes=2k,7k,30k,100k,1m
+                                              # + the 1M preset (about 2 h more on 2 cores)
+    quartic run transfer_robustness --set pooling= probe_steps=0 lr=1e-3 target_steps=200 \
+        n_seeds=3 pairs= lora_size=100k plain_sizes=2k,7k,30k
+                                              # the study's first recipe and design (39 min,
+                                              # models below word counts; docs/results.md)
 
 The fine-tuning recipe is LP-FT with mean pooling (``StudyConfig``'s defaults): the 30k and 100k
 decoders trained this way beat a word-count model on the same rows.
@@ -46,12 +51,13 @@ PAPER = {"delta_oacc": 3.67, "delta_asr": 20.4}
 
 @dataclasses.dataclass(frozen=True)
 class Config(pipeline.StudyConfig):
-    """The full study by default (4 sizes, both architectures, both settings, 3 seeds)."""
+    """The full study by default (4 sizes, both architectures, both settings, 3 pairs, 5 seeds)."""
 
     @classmethod
     def quick(cls) -> Config:
         return cls(
             sizes=("2k", "30k"),
+            n_seeds=3,
             lora_size="2k",
             lora_archs=("decoder", "encoder"),
             n_source=1_600,
