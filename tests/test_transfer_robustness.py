@@ -465,6 +465,27 @@ def test_pretrained_with_another_mask_rate_is_its_own_model(tmp_path):
         pipeline.pretrained(config, tmp_path, "2k", "decoder", mask_rate=0.5)
 
 
+def test_pretrain_lrs_give_one_model_its_own_rate(tmp_path):
+    """A ``pretrain_lrs`` entry replaces ``pretrain_lr`` for its model only: "ARCH_SIZE" before
+    "SIZE"; pretraining with it is bit for bit pretraining with that ``pretrain_lr``; bad entries
+    are named."""
+    config = tiny_config(n_seeds=1, pretrain_lrs=("2k:1e-2", "encoder_2k:1e-3"))
+    assert config.pretrain_lr_for("2k", "encoder") == 1e-3
+    assert config.pretrain_lr_for("2k", "decoder") == 1e-2
+    assert config.pretrain_lr_for("7k", "encoder") == config.pretrain_lr
+    got, _ = pipeline.pretrained(config, tmp_path / "a", "2k", "encoder")
+    plain = tiny_config(n_seeds=1, pretrain_lr=1e-3)
+    want, _ = pipeline.pretrained(plain, tmp_path / "b", "2k", "encoder")
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+        np.testing.assert_array_equal(a, b)
+    default, _ = pipeline.pretrained(tiny_config(n_seeds=1), tmp_path / "c", "2k", "encoder")
+    leaves = zip(jax.tree.leaves(got), jax.tree.leaves(default), strict=True)
+    assert any(not np.array_equal(a, b) for a, b in leaves)
+    for bad in ("1m", "3m:1e-3", "lstm_1m:1e-3", "1m:0", "1m:fast"):
+        with pytest.raises(QuarticError, match="pretrain_lrs"):
+            tiny_config(pretrain_lrs=(bad,))
+
+
 def test_bow_logistic_counts_groups_as_one_word():
     """``groups`` counts a group of tokens in one column: the fit equals the plain fit on the
     tokens rewritten to their groups (float64 rounding only); the default grouping is the

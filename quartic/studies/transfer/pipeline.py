@@ -108,6 +108,10 @@ class StudyConfig:
     corpus_size: int = 20_000
     pretrain_steps: int = 2_000
     pretrain_lr: float = 3e-3
+    # per-model rates replacing pretrain_lr, "ARCH_SIZE:LR" or "SIZE:LR" ("encoder_1m:1e-3"): at
+    # 3e-3 the 1M encoder does not learn its language (concept probe 0.27), at 1e-3 it does (1.0;
+    # benchmarks/transfer_pretrain_lr.py)
+    pretrain_lrs: tuple[str, ...] = ()
     source_steps: int = 600
     source_eval_every: int = 100
     # The fine-tuning recipe (target_steps, lr, pooling, probe_steps) is LP-FT with mean pooling,
@@ -183,6 +187,18 @@ class StudyConfig:
                 raise QuarticError(
                     f"pair {p!r}: write SOURCE>TARGET with two different tasks of {syn.TASK_NAMES}"
                 )
+        for entry in self.pretrain_lrs:
+            model, _, rate = entry.partition(":")
+            arch, _, size = model.rpartition("_")
+            try:
+                ok = float(rate) > 0 and size in PRESETS and arch in ("", *models.ARCHS)
+            except ValueError:
+                ok = False
+            if not ok:
+                raise QuarticError(
+                    f"pretrain_lrs entry {entry!r}: write ARCH_SIZE:LR or SIZE:LR with a size of "
+                    f"{list(PRESETS)}, an architecture of {list(models.ARCHS)} and a rate > 0"
+                )
         if self.cue_concepts and len(self.cue_concepts) != len(syn.TASK_NAMES) * self.n_cues:
             raise QuarticError(
                 f"cue_concepts has {len(self.cue_concepts)} entries; give n_cues={self.n_cues} "
@@ -229,6 +245,12 @@ class StudyConfig:
             surface_bias=self.surface_bias if surface else 0.0,
             decoy_rate=self.decoy_rate if surface else 0.0,
         )
+
+    def pretrain_lr_for(self, size: str, arch: str) -> float:
+        """The pretraining rate of (size, arch): its ``pretrain_lrs`` entry ("ARCH_SIZE" before
+        "SIZE"), else ``pretrain_lr``."""
+        rates = {k: float(v) for k, _, v in (e.partition(":") for e in self.pretrain_lrs)}
+        return rates.get(f"{arch}_{size}", rates.get(size, self.pretrain_lr))
 
     def pair_list(self) -> list[tuple[str, str]]:
         if self.pairs:
@@ -355,7 +377,7 @@ def pretrained(
         fc = trainer.FitConfig(
             config.pretrain_steps,
             config.batch_size,
-            config.pretrain_lr,
+            config.pretrain_lr_for(size, arch),
             _eval_every(config.pretrain_steps),
             **({} if mask_rate is None else {"mask_rate": mask_rate}),
         )
