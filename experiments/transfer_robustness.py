@@ -14,8 +14,9 @@ positives written only in privileged forms, negatives carrying decoys; ``plain``
     quartic run transfer_robustness --quick   # 2 sizes, 1 setting (docs/results.md: its time)
     quartic run transfer_robustness           # the full run: 4 sizes, 5 seeds, 146 units, 1:12:30
                                               # on 2 cores, resumable
-    quartic run transfer_robustness --set sizes=2k,7k,30k,100k,1m
-                                              # + the 1M preset (about 2 h more on 2 cores)
+    quartic run transfer_robustness --set sizes=2k,7k,30k,100k,1m pretrain_lrs=encoder_1m:1e-3
+                                              # + the 1M preset, its encoder at the rate its
+                                              # probe sets (2:06 more on 2 cores)
     quartic run transfer_robustness --set pooling= probe_steps=0 lr=1e-3 target_steps=200 \
         n_seeds=3 pairs= lora_size=100k plain_sizes=2k,7k,30k
                                               # the study's first recipe and design (39 min,

@@ -73,7 +73,8 @@ class StudyConfig:
     The defaults are the full study: 4 sizes, both architectures, both settings at every size,
     the 3 pairs that make each task a target once, 5 seeds, full fine-tuning (146 units, 1:12:30
     on 2 cores; ``results/full/transfer_robustness_lpft_4sizes``). Every field can be overridden
-    (``--set key=value``): ``sizes=...,1m plain_sizes=`` adds the 1M preset, ``lora_size=100k``
+    (``--set key=value``): ``sizes=...,1m pretrain_lrs=encoder_1m:1e-3`` adds the 1M preset
+    (its encoder at the rate its probe sets), ``lora_size=100k``
     the LoRA arm, ``pairs=`` all 6 pairs.
     """
 
@@ -187,18 +188,7 @@ class StudyConfig:
                 raise QuarticError(
                     f"pair {p!r}: write SOURCE>TARGET with two different tasks of {syn.TASK_NAMES}"
                 )
-        for entry in self.pretrain_lrs:
-            model, _, rate = entry.partition(":")
-            arch, _, size = model.rpartition("_")
-            try:
-                ok = float(rate) > 0 and size in PRESETS and arch in ("", *models.ARCHS)
-            except ValueError:
-                ok = False
-            if not ok:
-                raise QuarticError(
-                    f"pretrain_lrs entry {entry!r}: write ARCH_SIZE:LR or SIZE:LR with a size of "
-                    f"{list(PRESETS)}, an architecture of {list(models.ARCHS)} and a rate > 0"
-                )
+        self._pretrain_rates()  # names a bad entry
         if self.cue_concepts and len(self.cue_concepts) != len(syn.TASK_NAMES) * self.n_cues:
             raise QuarticError(
                 f"cue_concepts has {len(self.cue_concepts)} entries; give n_cues={self.n_cues} "
@@ -246,10 +236,28 @@ class StudyConfig:
             decoy_rate=self.decoy_rate if surface else 0.0,
         )
 
+    def _pretrain_rates(self) -> dict[str, float]:
+        """``pretrain_lrs`` as {"ARCH_SIZE" or "SIZE": rate}; QuarticError names a bad entry."""
+        rates = {}
+        for entry in self.pretrain_lrs:
+            model, _, rate = entry.partition(":")
+            arch, _, size = model.rpartition("_")
+            try:
+                ok = float(rate) > 0 and size in PRESETS and arch in ("", *models.ARCHS)
+            except ValueError:
+                ok = False
+            if not ok:
+                raise QuarticError(
+                    f"pretrain_lrs entry {entry!r}: write ARCH_SIZE:LR or SIZE:LR with a size of "
+                    f"{list(PRESETS)}, an architecture of {list(models.ARCHS)} and a rate > 0"
+                )
+            rates[model] = float(rate)
+        return rates
+
     def pretrain_lr_for(self, size: str, arch: str) -> float:
         """The pretraining rate of (size, arch): its ``pretrain_lrs`` entry ("ARCH_SIZE" before
         "SIZE"), else ``pretrain_lr``."""
-        rates = {k: float(v) for k, _, v in (e.partition(":") for e in self.pretrain_lrs)}
+        rates = self._pretrain_rates()
         return rates.get(f"{arch}_{size}", rates.get(size, self.pretrain_lr))
 
     def pair_list(self) -> list[tuple[str, str]]:
